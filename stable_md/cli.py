@@ -1,0 +1,205 @@
+"""The ``stable-md`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from stable_md import __version__
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError, KeyError)
+
+
+def _hyper_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--hyper expects NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return name.strip(), parsed
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stable-md",
+        description="StABlE training: make neural-network interatomic potentials stable in MD "
+                    "without new QM data.")
+    parser.add_argument("--version", action="version", version=f"stable-md {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("pretrain", help="fit a new model to energies and forces",
+                            description="Fit a new model to the energies and forces of a data set "
+                                        "(the ordinary NNIP training that precedes StABlE refinement).")
+    p.add_argument("--arch", choices=["schnet", "ani", "nequip", "mace"], default="schnet",
+                   help="backbone architecture (default: schnet)")
+    p.add_argument("--data", required=True, help="extended XYZ (energies, forces) or MD17-style .npz file")
+    p.add_argument("-o", "--output", required=True, help="model file to write, e.g. model.pt")
+    p.add_argument("--units", default=None,
+                   help="energy unit of the data file (eV, kcal/mol, kJ/mol, Hartree, meV); forces in "
+                        "that unit per Å. Default: eV for xyz, kcal/mol for .npz")
+    p.add_argument("--energy-key", default="energy", help="energy key in extended XYZ (default: energy)")
+    p.add_argument("--forces-key", default="forces", help="forces key in extended XYZ (default: forces)")
+    p.add_argument("--n-train", type=_positive_int, default=1000, help="training frames (default: 1000)")
+    p.add_argument("--n-val", type=_positive_int, default=100, help="validation frames (default: 100)")
+    p.add_argument("--n-test", type=int, default=1000,
+                   help="test frames, at most what remains (default: 1000; -1 = all remaining)")
+    p.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs (default: 300)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="frames per step (default: 16)")
+    p.add_argument("--energy-weight", type=float, default=1.0,
+                   help="weight of the per-atom energy MSE, eV^-2 (default: 1)")
+    p.add_argument("--force-weight", type=float, default=100.0,
+                   help="weight of the force MSE, (eV/Å)^-2 (default: 100)")
+    p.add_argument("--patience", type=_positive_int, default=40,
+                   help="stop after this many epochs without validation improvement (default: 40)")
+    p.add_argument("--max-time", type=_positive_float, default=None,
+                   help="stop after this many minutes, keeping the best model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--hyper", type=_hyper_value, action="append", default=[], metavar="NAME=VALUE",
+                   help="architecture hyperparameter, repeatable (e.g. --hyper cutoff=4.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pretrain)
+
+    p = commands.add_parser("info", help="print a model file's metadata")
+    p.add_argument("model", help="stable-md model file")
+    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    p.set_defaults(func=_info)
+
+    p = commands.add_parser("import", help="turn a MACE, NequIP or torchani model into a stable-md model file",
+                            description="Import a model trained elsewhere so that stable-md can refine it. "
+                                        "MACE and torchani files are pickles: loading them runs code from the "
+                                        "file, so it needs --trust-pickle.")
+    p.add_argument("format", choices=["mace", "nequip", "ani"], help="format of SOURCE")
+    p.add_argument("source", help="the model file to import")
+    p.add_argument("-o", "--output", required=True, help="stable-md model file to write")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading pickle-based files (only for files you trust)")
+    p.add_argument("--species", default=None,
+                   help="comma-separated atomic numbers to keep (default: all the model knows)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_import)
+    return parser
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from stable_md.data import load_dataset
+    from stable_md.pretrain import PretrainSettings, SplitSettings, pretrain
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; refusing to overwrite it (use --overwrite)")
+    data = load_dataset(args.data, units=args.units, energy_key=args.energy_key, forces_key=args.forces_key)
+    split = SplitSettings(n_train=args.n_train, n_val=args.n_val,
+                          n_test=None if args.n_test < 0 else args.n_test, seed=args.seed)
+    settings = PretrainSettings(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, energy_weight=args.energy_weight,
+        force_weight=args.force_weight, patience=args.patience,
+        max_time_s=None if args.max_time is None else 60.0 * args.max_time, seed=args.seed, dtype=args.dtype)
+    print(f"stable-md pretrain: {args.arch} on {len(data)} frames of {data.source} "
+          f"({data.n_atoms} atoms, species {data.species})")
+    _, report = pretrain(data, args.arch, output, split=split, settings=settings,
+                         hyperparameters=dict(args.hyper), units=args.units, overwrite=args.overwrite,
+                         resume=args.resume, progress=not args.no_progress)
+    print(f"\nstopped by {report['stopped_by']} after {report['epochs']} epochs "
+          f"(best epoch {report['best_epoch']}, {report['wall_time_s']:.0f} s, "
+          f"{report['n_parameters']} parameters)")
+    print(f"{'set':<12}{'frames':>8}{'energy MAE (meV)':>20}{'force MAE (meV/Å)':>20}")
+    for name in ("validation", "test"):
+        errors = report[name]
+        if errors:
+            print(f"{name:<12}{errors['frames']:>8}{errors['energy_mae_meV']:>20.2f}"
+                  f"{errors['force_mae_meV_per_A']:>20.2f}")
+    print(f"wrote {output} (log: {output.with_suffix('.log.jsonl')})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from stable_md.potentials import read_metadata
+
+    metadata = read_metadata(args.model)
+    if args.json:
+        print(json.dumps(metadata, indent=2))
+        return 0
+    print(f"{args.model}: stable-md model file (format {metadata.get('format_version')}, "
+          f"written by stable-md {metadata.get('stable_md_version')})")
+    print(f"  architecture  {metadata['arch']}")
+    print(f"  species       {metadata['species']}")
+    print(f"  cutoff        {metadata['cutoff']} Å")
+    print(f"  parameters    {metadata.get('n_parameters')}")
+    print(f"  dtype         {metadata.get('dtype')}")
+    print(f"  units         {metadata.get('units')}")
+    print(f"  hyperparameters {json.dumps(metadata.get('hyperparameters', {}))}")
+    for entry in metadata.get("history", []):
+        report = entry.get("report", {})
+        line = f"  history: {entry.get('stage')}"
+        if "data" in entry:
+            line += f" on {entry['data']}"
+        test = report.get("test") or report.get("validation")
+        if test:
+            line += (f"; energy MAE {test['energy_mae_meV']:.1f} meV, "
+                     f"force MAE {test['force_mae_meV_per_A']:.1f} meV/Å")
+        print(line)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from stable_md.potentials import build_metadata, save_model
+    from stable_md.potentials.importers import import_model
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; refusing to overwrite it (use --overwrite)")
+    species = None
+    if args.species:
+        try:
+            species = [int(z) for z in args.species.split(",")]
+        except ValueError:
+            raise ValueError(f"--species expects comma-separated atomic numbers, got {args.species!r}") from None
+    potential, hyper = import_model(args.format, args.source, trust_pickle=args.trust_pickle, species=species)
+    history = [{"stage": "import", "format": args.format, "source": str(args.source)}]
+    save_model(potential, output, build_metadata(potential, hyper, history=history), overwrite=args.overwrite)
+    print(f"wrote {output}: {args.format} model, species {potential.species_numbers.tolist()}, "
+          f"cutoff {potential.cutoff} Å")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"stable-md {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stable-md {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Data sets of QM frames: load extended XYZ and MD17-style ``.npz``, validate, split, save.
+
+Every frame of a :class:`Dataset` holds the same atoms in the same order (a molecule,
+or a periodic box of fixed composition). Units inside: Å, eV, eV/Å.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from stable_md.units import energy_factor
+
+MD17_DEFAULT_ENERGY_UNIT = "kcal/mol"
+
+
+class DataError(ValueError):
+    """A data file is unusable; the message names the file and the problem."""
+
+
+@dataclass
+class Dataset:
+    """Frames of one system with reference energies and forces.
+
+    Attributes
+    ----------
+    positions: ``[F, N, 3]`` Å.
+    numbers: ``[N]`` atomic numbers.
+    energies: ``[F]`` eV.
+    forces: ``[F, N, 3]`` eV/Å.
+    cells: ``[F, 3, 3]`` Å (rows are lattice vectors), or ``None`` for molecules.
+    source: where the frames came from (used in messages).
+    indices: index of each frame in ``source`` (kept through subsetting and splits).
+    """
+
+    positions: np.ndarray
+    numbers: np.ndarray
+    energies: np.ndarray
+    forces: np.ndarray
+    cells: Optional[np.ndarray] = None
+    source: str = "<memory>"
+    indices: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.positions = np.asarray(self.positions, dtype=np.float64)
+        self.numbers = np.asarray(self.numbers, dtype=np.int64)
+        self.energies = np.asarray(self.energies, dtype=np.float64).reshape(-1)
+        self.forces = np.asarray(self.forces, dtype=np.float64)
+        if self.cells is not None:
+            self.cells = np.asarray(self.cells, dtype=np.float64)
+        if self.indices is None:
+            self.indices = np.arange(len(self.positions))
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        validate(self)
+
+    def __len__(self) -> int:
+        return len(self.energies)
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.numbers)
+
+    @property
+    def species(self) -> list[int]:
+        """Sorted unique atomic numbers."""
+        return sorted(int(z) for z in np.unique(self.numbers))
+
+    @property
+    def periodic(self) -> bool:
+        return self.cells is not None
+
+    def subset(self, selection: Sequence[int] | np.ndarray | slice) -> "Dataset":
+        """Frames picked by an index array or slice (indices into this data set)."""
+        picked = np.arange(len(self))[selection] if isinstance(selection, slice) else np.asarray(selection)
+        if picked.size and (picked.min() < -len(self) or picked.max() >= len(self)):
+            raise IndexError(f"{self.source}: frame index out of range 0..{len(self) - 1}")
+        return Dataset(
+            positions=self.positions[picked],
+            numbers=self.numbers,
+            energies=self.energies[picked],
+            forces=self.forces[picked],
+            cells=None if self.cells is None else self.cells[picked],
+            source=self.source,
+            indices=self.indices[picked],
+        )
+
+    def first(self, n: int) -> "Dataset":
+        """The first ``n`` frames."""
+        return self.subset(slice(0, n))
+
+    def every(self, k: int) -> "Dataset":
+        """Every ``k``-th frame (k >= 1)."""
+        if k < 1:
+            raise ValueError(f"every: k must be >= 1, got {k}")
+        return self.subset(slice(None, None, k))
+
+    def split(self, n_train: int, n_val: int, n_test: Optional[int] = None,
+              seed: int = 0) -> tuple["Dataset", "Dataset", "Dataset"]:
+        """Random, reproducible train/validation/test split (disjoint).
+
+        ``n_test=None`` puts every remaining frame into the test set.
+        """
+        n_test_value = len(self) - n_train - n_val if n_test is None else n_test
+        if min(n_train, n_val, n_test_value) < 0 or n_train + n_val + n_test_value > len(self):
+            raise ValueError(
+                f"{self.source}: cannot split {len(self)} frames into train={n_train}, "
+                f"validation={n_val}, test={n_test_value}"
+            )
+        order = np.random.default_rng(seed).permutation(len(self))
+        train = order[:n_train]
+        val = order[n_train:n_train + n_val]
+        test = order[n_train + n_val:n_train + n_val + n_test_value]
+        return self.subset(np.sort(train)), self.subset(np.sort(val)), self.subset(np.sort(test))
+
+    def to_atoms(self, frame: int = 0):
+        """Frame ``frame`` as an :class:`ase.Atoms` with a single-point calculator attached."""
+        from ase import Atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        atoms = Atoms(numbers=self.numbers, positions=self.positions[frame])
+        if self.cells is not None:
+            atoms.cell = self.cells[frame]
+            atoms.pbc = True
+        atoms.calc = SinglePointCalculator(atoms, energy=float(self.energies[frame]),
+                                           forces=self.forces[frame].copy())
+        return atoms
+
+    def save_extxyz(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the frames as extended XYZ with energies and forces (eV, eV/Å), atomically."""
+        from ase.io import write
+
+        from stable_md.potentials.model_file import atomic_write
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; refusing to overwrite it")
+        frames = [self.to_atoms(i) for i in range(len(self))]
+        atomic_write(path, lambda tmp: write(str(tmp), frames, format="extxyz"))
+        return path
+
+
+def validate(data: Dataset) -> None:
+    """Raise :class:`DataError` naming the source when shapes or values are unusable."""
+    name = data.source
+    n_frames = len(data.positions)
+    if n_frames == 0:
+        raise DataError(f"{name}: contains no frames")
+    if data.positions.ndim != 3 or data.positions.shape[2] != 3:
+        raise DataError(f"{name}: positions must have shape [frames, atoms, 3], got {data.positions.shape}")
+    n_atoms = data.positions.shape[1]
+    if data.numbers.shape != (n_atoms,):
+        raise DataError(f"{name}: atomic numbers must have shape [{n_atoms}], got {data.numbers.shape}")
+    if data.energies.shape != (n_frames,):
+        raise DataError(f"{name}: expected {n_frames} energies (one per frame), got {data.energies.shape[0]}")
+    if data.forces.shape != data.positions.shape:
+        raise DataError(f"{name}: forces have shape {data.forces.shape}, positions {data.positions.shape}")
+    if data.cells is not None and data.cells.shape != (n_frames, 3, 3):
+        raise DataError(f"{name}: cells must have shape [{n_frames}, 3, 3], got {data.cells.shape}")
+    if (data.numbers < 1).any() or (data.numbers > 118).any():
+        raise DataError(f"{name}: atomic numbers must lie in 1..118")
+    for label, values in (("positions", data.positions), ("energies", data.energies),
+                          ("forces", data.forces), ("cells", data.cells)):
+        if values is None:
+            continue
+        bad = ~np.isfinite(values.reshape(n_frames, -1)).all(axis=1)
+        if bad.any():
+            frames = np.flatnonzero(bad)
+            raise DataError(
+                f"{name}: non-finite {label} in {bad.sum()} frame(s), first at frame {int(data.indices[frames[0]])}"
+            )
+
+
+def load_dataset(path: str | os.PathLike, units: Optional[str] = None, energy_key: str = "energy",
+                 forces_key: str = "forces", index: str | slice = ":") -> Dataset:
+    """Load frames with energies and forces from extended XYZ (or any ASE format) or MD17 ``.npz``.
+
+    Parameters
+    ----------
+    path: the file.
+    units: energy unit of the file (``eV``, ``kcal/mol``, ``kJ/mol``, ``Hartree``, ``meV``);
+        forces are taken in that unit per Å. Default: eV for ASE formats, kcal/mol for ``.npz``.
+    energy_key, forces_key: names of the energy and forces entries in extended XYZ files
+        (``REF_energy``-style keys as written by some training codes).
+    index: ASE frame selection for ASE formats (``":"`` = all frames).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected an extended XYZ or .npz file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if path.suffix == ".npz":
+        return _load_md17(path, units or MD17_DEFAULT_ENERGY_UNIT)
+    return _load_ase(path, units or "eV", energy_key, forces_key, index)
+
+
+def _load_md17(path: Path, units: str) -> Dataset:
+    factor = energy_factor(units)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable .npz archive ({error})") from error
+    with archive:
+        missing = [key for key in ("R", "z", "E", "F") if key not in archive.files]
+        if missing:
+            raise DataError(f"{path}: missing key(s) {missing}; MD17-style files need R, z, E, F "
+                            f"(found {sorted(archive.files)})")
+        positions = np.asarray(archive["R"], dtype=np.float64)
+        numbers = np.asarray(archive["z"]).reshape(-1)
+        energies = np.asarray(archive["E"], dtype=np.float64)
+        forces = np.asarray(archive["F"], dtype=np.float64)
+    if energies.ndim == 2 and energies.shape[1] == 1:
+        energies = energies[:, 0]
+    if energies.ndim != 1:
+        raise DataError(f"{path}: E must have shape [frames] or [frames, 1], got {energies.shape}")
+    if positions.ndim != 3 or positions.shape[0] != energies.shape[0]:
+        raise DataError(f"{path}: R has shape {positions.shape}; expected [{energies.shape[0]}, atoms, 3] "
+                        f"to match E")
+    return Dataset(positions=positions, numbers=numbers, energies=energies * factor,
+                   forces=forces * factor, source=str(path))
+
+
+def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: str | slice) -> Dataset:
+    from ase.io import read
+
+    factor = energy_factor(units)
+    try:
+        frames = read(str(path), index=index)
+    except Exception as error:  # ASE raises many types for unreadable files
+        raise DataError(f"{path}: cannot be read by ASE ({type(error).__name__}: {error})") from error
+    if not isinstance(frames, list):
+        frames = [frames]
+    if not frames:
+        raise DataError(f"{path}: contains no frames")
+    first = frames[0]
+    numbers = first.numbers.copy()
+    periodic = _periodicity(path, first, 0)
+    positions, energies, forces, cells = [], [], [], []
+    for k, atoms in enumerate(frames):
+        if len(atoms) != len(numbers) or not np.array_equal(atoms.numbers, numbers):
+            raise DataError(
+                f"{path}: frame {k} has atoms {atoms.get_chemical_formula(mode='all')}, "
+                f"frame 0 has {first.get_chemical_formula(mode='all')}; every frame needs the same atoms in "
+                f"the same order"
+            )
+        if _periodicity(path, atoms, k) != periodic:
+            raise DataError(f"{path}: frame {k} differs from frame 0 in periodicity")
+        positions.append(atoms.positions)
+        energies.append(_frame_energy(path, atoms, k, energy_key))
+        forces.append(_frame_forces(path, atoms, k, forces_key))
+        if periodic:
+            cells.append(np.asarray(atoms.cell))
+    return Dataset(
+        positions=np.array(positions), numbers=numbers, energies=np.array(energies) * factor,
+        forces=np.array(forces) * factor, cells=np.array(cells) if periodic else None, source=str(path),
+    )
+
+
+def _periodicity(path: Path, atoms, k: int) -> bool:
+    pbc = np.asarray(atoms.pbc)
+    if pbc.all():
+        if atoms.cell.rank < 3:
+            raise DataError(f"{path}: frame {k} is periodic but its cell is degenerate")
+        return True
+    if pbc.any():
+        raise DataError(f"{path}: frame {k} is periodic along some axes only (pbc={pbc.tolist()}); "
+                        f"stable-md supports molecules (no pbc) or fully periodic boxes")
+    return False
+
+
+def _frame_energy(path: Path, atoms, k: int, key: str) -> float:
+    if key in atoms.info:
+        return float(atoms.info[key])
+    if key == "energy" and atoms.calc is not None:
+        try:
+            return float(atoms.get_potential_energy())
+        except Exception:
+            pass
+    raise DataError(f"{path}: frame {k} has no energy (looked for '{key}'; set the key with energy_key=/"
+                    f"--energy-key)")
+
+
+def _frame_forces(path: Path, atoms, k: int, key: str) -> np.ndarray:
+    if key in atoms.arrays:
+        values = np.asarray(atoms.arrays[key], dtype=np.float64)
+    elif key == "forces" and atoms.calc is not None and "forces" in getattr(atoms.calc, "results", {}):
+        values = np.asarray(atoms.calc.results["forces"], dtype=np.float64)
+    else:
+        raise DataError(f"{path}: frame {k} has no forces (looked for '{key}'; set the key with forces_key=/"
+                        f"--forces-key)")
+    if values.shape != (len(atoms), 3):
+        raise DataError(f"{path}: frame {k} forces have shape {values.shape}, expected ({len(atoms)}, 3)")
+    return values

@@ -1,0 +1,178 @@
+"""Model files: a TorchScript archive plus a JSON metadata extra file.
+
+The archive loads with plain ``torch.jit.load`` (no pickle), keeps its
+parameters trainable, and carries ``stable_md.json`` with the architecture,
+hyperparameters, cutoff, species, units, energy shifts, training history and
+package version.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+METADATA_NAME = "stable_md.json"
+FORMAT_VERSION = 1
+UNITS = {"length": "Angstrom", "energy": "eV", "forces": "eV/Angstrom"}
+E3NN_ARCHITECTURES = ("nequip", "mace")
+
+
+@dataclass
+class ModelFile:
+    """A loaded model: the scripted module and its metadata."""
+
+    module: torch.jit.ScriptModule
+    metadata: dict[str, Any]
+    path: Optional[Path] = None
+
+    @property
+    def species(self) -> list[int]:
+        """Atomic numbers the model knows."""
+        return list(self.metadata["species"])
+
+    @property
+    def cutoff(self) -> float:
+        """Neighbour-list cutoff in Å."""
+        return float(self.metadata["cutoff"])
+
+    @property
+    def arch(self) -> str:
+        return str(self.metadata["arch"])
+
+
+def script_potential(potential: nn.Module) -> torch.jit.ScriptModule:
+    """TorchScript-compile a Potential; e3nn-based backbones go through e3nn's scripter."""
+    if isinstance(potential, torch.jit.ScriptModule):
+        return potential
+    arch = getattr(potential, "arch", "")
+    with _no_jit_deprecation():
+        if arch in E3NN_ARCHITECTURES:
+            from stable_md.potentials._e3nn_env import import_e3nn_jit
+
+            return import_e3nn_jit().script(potential)
+        return torch.jit.script(potential)
+
+
+@contextlib.contextmanager
+def _no_jit_deprecation():
+    """TorchScript is what OpenMM and ASE consumers load; torch's deprecation notice is noise to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        yield
+
+
+def build_metadata(potential: nn.Module, hyperparameters: dict[str, Any], history: Optional[list] = None,
+                   extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Metadata for a Potential (scripted or not)."""
+    from stable_md import __version__
+
+    shift = potential.energy_shift.detach().cpu().tolist()
+    species = potential.species_numbers.detach().cpu().tolist()
+    dtype = next(iter(potential.parameters())).dtype if any(True for _ in potential.parameters()) else torch.float32
+    metadata = {
+        "format": "stable-md model",
+        "format_version": FORMAT_VERSION,
+        "stable_md_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "arch": str(potential.arch),
+        "hyperparameters": hyperparameters,
+        "cutoff": float(potential.cutoff),
+        "species": species,
+        "units": dict(UNITS),
+        "energy_shift_eV": {str(z): float(s) for z, s in zip(species, shift)},
+        "energy_scale_eV": float(potential.energy_scale.detach().cpu()),
+        "dtype": str(dtype).replace("torch.", ""),
+        "n_parameters": int(sum(p.numel() for p in potential.parameters())),
+        "history": list(history or []),
+    }
+    if extra:
+        metadata.update(extra)
+    return metadata
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(potential: nn.Module, path: str | os.PathLike, metadata: dict[str, Any],
+               overwrite: bool = False) -> Path:
+    """Script ``potential`` and write it with ``metadata`` to ``path`` atomically.
+
+    Refuses to replace an existing file unless ``overwrite`` is true.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    scripted = script_potential(potential)
+    payload = json.dumps(metadata, indent=1, sort_keys=True)
+    with _no_jit_deprecation():
+        atomic_write(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: payload}))
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Metadata of a model file without loading its code."""
+    path = _check_model_path(path)
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith("extra/" + METADATA_NAME)]
+        if not names:
+            raise ValueError(_not_ours(path))
+        return json.loads(archive.read(names[0]).decode())
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: Optional[torch.dtype] = None) -> ModelFile:
+    """Load a model file; parameters stay trainable. ``dtype`` converts floating parameters."""
+    path = _check_model_path(path)
+    extra = {METADATA_NAME: ""}
+    try:
+        with _no_jit_deprecation():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: cannot be read as a TorchScript model file ({error})") from error
+    if not extra[METADATA_NAME]:
+        raise ValueError(_not_ours(path))
+    metadata = json.loads(extra[METADATA_NAME])
+    if dtype is not None:
+        module = module.to(dtype)
+    for parameter in module.parameters():
+        parameter.requires_grad_(True)
+    return ModelFile(module=module, metadata=metadata, path=path)
+
+
+def _check_model_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(_not_ours(path))
+    return path
+
+
+def _not_ours(path: Path) -> str:
+    return (
+        f"{path} is not a stable-md model file (a TorchScript archive with {METADATA_NAME}); "
+        "import MACE, NequIP or torchani models first with `stable-md import`"
+    )

@@ -1,0 +1,345 @@
+"""Energy/force training of a Potential (the ordinary NNIP fit that precedes StABlE).
+
+The same :class:`EnergyForceLoss` is the QM regularizer of StABlE training.
+Loss per frame: ``w_E * ((E - E_ref) / N)^2 + w_F * mean_atoms,xyz (F - F_ref)^2`` (eV², eV²/Å²).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stable_md.data import Dataset, load_dataset
+from stable_md.potentials import Potential, build_metadata, build_potential, energy_and_forces, save_model
+from stable_md.potentials.model_file import atomic_write
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class FrameBatch:
+    """Frames as tensors: positions [B, N, 3] Å, numbers [N], energies [B] eV, forces [B, N, 3] eV/Å."""
+
+    positions: Tensor
+    numbers: Tensor
+    energies: Tensor
+    forces: Tensor
+    cells: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+
+class DatasetTensors:
+    """A Dataset converted to tensors once, cut into batches without copying back to numpy."""
+
+    def __init__(self, data: Dataset, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.positions = torch.as_tensor(data.positions, dtype=dtype, device=device)
+        self.numbers = torch.as_tensor(data.numbers, dtype=torch.long, device=device)
+        self.energies = torch.as_tensor(data.energies, dtype=dtype, device=device)
+        self.forces = torch.as_tensor(data.forces, dtype=dtype, device=device)
+        self.cells = None if data.cells is None else torch.as_tensor(data.cells, dtype=dtype, device=device)
+
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+    def batch(self, index: Tensor) -> FrameBatch:
+        return FrameBatch(self.positions[index], self.numbers, self.energies[index], self.forces[index],
+                          None if self.cells is None else self.cells[index])
+
+    def batches(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Iterator[FrameBatch]:
+        """Consecutive batches; shuffled when a generator is given."""
+        order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            yield self.batch(order[start:start + batch_size])
+
+
+class EnergyForceLoss(nn.Module):
+    """Weighted energy (per atom) and force mean squared errors of a Potential on a batch."""
+
+    def __init__(self, energy_weight: float = 1.0, force_weight: float = 100.0) -> None:
+        super().__init__()
+        if energy_weight < 0 or force_weight < 0 or energy_weight + force_weight == 0:
+            raise ValueError("energy and force weights must be >= 0 and not both zero")
+        self.energy_weight = float(energy_weight)
+        self.force_weight = float(force_weight)
+
+    def forward(self, model: nn.Module, batch: FrameBatch) -> tuple[Tensor, dict[str, float]]:
+        energy, forces = energy_and_forces(model, batch.positions, batch.numbers, batch.cells, create_graph=True)
+        n_atoms = batch.positions.shape[1]
+        energy_error = (energy - batch.energies) / n_atoms
+        force_error = forces - batch.forces
+        loss = self.energy_weight * energy_error.pow(2).mean() + self.force_weight * force_error.pow(2).mean()
+        stats = {
+            "energy_abs_sum": float((energy - batch.energies).abs().sum()),
+            "force_abs_sum": float(force_error.abs().sum()),
+            "frames": len(batch),
+            "force_components": force_error.numel(),
+        }
+        return loss, stats
+
+
+def prediction_errors(model: nn.Module, data: Dataset | DatasetTensors, batch_size: int = 64,
+                      dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+    """Energy MAE/RMSE (meV per frame) and force MAE/RMSE (meV/Å) of ``model`` on ``data``."""
+    if isinstance(data, Dataset):
+        if dtype is None:
+            dtype = next(model.parameters()).dtype
+        data = DatasetTensors(data, dtype=dtype)
+    energy_errors, force_errors = [], []
+    for batch in data.batches(batch_size):
+        energy, forces = energy_and_forces(model, batch.positions, batch.numbers, batch.cells)
+        energy_errors.append((energy.detach() - batch.energies).double())
+        force_errors.append((forces.detach() - batch.forces).double().reshape(-1))
+    e = torch.cat(energy_errors)
+    f = torch.cat(force_errors)
+    return {
+        "energy_mae_meV": 1000 * float(e.abs().mean()),
+        "energy_rmse_meV": 1000 * float(e.pow(2).mean().sqrt()),
+        "force_mae_meV_per_A": 1000 * float(f.abs().mean()),
+        "force_rmse_meV_per_A": 1000 * float(f.pow(2).mean().sqrt()),
+        "frames": len(e),
+    }
+
+
+def fit_energy_shifts(data: Dataset, species: list[int]) -> np.ndarray:
+    """Per-species energies (eV) that best explain the frame energies by composition alone.
+
+    Least squares over composition counts; when every frame has the same composition the
+    problem is degenerate and the minimum-norm solution is used (only the sum matters).
+    """
+    counts = np.array([[np.count_nonzero(data.numbers == z) for z in species]], dtype=np.float64)
+    counts = np.repeat(counts, len(data), axis=0)
+    shifts, *_ = np.linalg.lstsq(counts, data.energies, rcond=None)
+    return shifts
+
+
+def initialise_output_scale(potential: Potential, data: Dataset) -> dict[str, Any]:
+    """Set per-species shifts (least squares) and the energy scale (RMS force, eV) from training data."""
+    species = potential.species_numbers.tolist()
+    shifts = fit_energy_shifts(data, species)
+    rms_force = float(np.sqrt(np.mean(data.forces ** 2)))
+    scale = rms_force if rms_force > 1e-6 else 1.0
+    with torch.no_grad():
+        potential.energy_shift.copy_(torch.as_tensor(shifts, dtype=potential.energy_shift.dtype))
+        potential.energy_scale.fill_(scale)
+    return {"energy_shift_eV": dict(zip(map(str, species), map(float, shifts))), "energy_scale_eV": scale}
+
+
+@dataclass
+class PretrainSettings:
+    """Optimisation settings of :func:`pretrain` (epochs are passes over the training frames)."""
+
+    epochs: int = 300
+    lr: float = 1e-3
+    batch_size: int = 16
+    energy_weight: float = 1.0
+    force_weight: float = 100.0
+    patience: int = 40
+    lr_patience: int = 10
+    lr_factor: float = 0.5
+    min_lr: float = 1e-6
+    max_time_s: Optional[float] = None
+    seed: int = 0
+    dtype: str = "float32"
+
+
+@dataclass
+class SplitSettings:
+    """How frames of the data file are split: counts and the permutation seed."""
+
+    n_train: int = 1000
+    n_val: int = 100
+    n_test: Optional[int] = 1000
+    seed: int = 0
+
+
+def split_dataset(data: Dataset, split: SplitSettings) -> tuple[Dataset, Dataset, Dataset]:
+    """Train/validation/test frames, clipping the test set to what remains."""
+    if split.n_train + split.n_val > len(data):
+        raise ValueError(f"{data.source}: has {len(data)} frames, fewer than n_train + n_val = "
+                         f"{split.n_train} + {split.n_val}")
+    remaining = len(data) - split.n_train - split.n_val
+    n_test = remaining if split.n_test is None else min(split.n_test, remaining)
+    return data.split(split.n_train, split.n_val, n_test, seed=split.seed)
+
+
+def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
+             split: SplitSettings = SplitSettings(), settings: PretrainSettings = PretrainSettings(),
+             hyperparameters: Optional[dict[str, Any]] = None, units: Optional[str] = None,
+             overwrite: bool = False, resume: bool = False, progress: bool = True,
+             log_path: Optional[str | Path] = None) -> tuple[Potential, dict[str, Any]]:
+    """Fit a new ``arch`` Potential to energies and forces and save it to ``output``.
+
+    Checkpoints every epoch to ``<output stem>.ckpt.pt`` (atomic), logs one JSON line per
+    epoch to ``<output stem>.log.jsonl``, stops early when the validation force MAE has not
+    improved for ``settings.patience`` epochs, and keeps the best model.
+
+    Returns the trained potential (best validation epoch) and the final report.
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    checkpoint_path = output.with_suffix(".ckpt.pt")
+    log_path = Path(log_path) if log_path is not None else output.with_suffix(".log.jsonl")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; refusing to overwrite it (use --overwrite)")
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(f"{checkpoint_path} holds an interrupted run; continue it with --resume "
+                              f"or delete it to start afresh")
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
+    dtype = DTYPES[settings.dtype]
+    if not isinstance(data, Dataset):
+        data = load_dataset(data, units=units)
+    train, val, test = split_dataset(data, split)
+
+    torch.manual_seed(settings.seed)
+    potential, hyper = build_potential(arch, data.species, **(hyperparameters or {}))
+    scale_info = initialise_output_scale(potential, train)
+    potential = potential.to(dtype)
+    loss_fn = EnergyForceLoss(settings.energy_weight, settings.force_weight)
+    optimizer = torch.optim.Adam(potential.parameters(), lr=settings.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience, min_lr=settings.min_lr)
+    run_identity = {"arch": arch, "hyperparameters": hyper, "source": data.source, "split": asdict(split),
+                    "settings": {k: v for k, v in asdict(settings).items() if k != "max_time_s"}}
+    generator = torch.Generator().manual_seed(settings.seed)
+    state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "best_model": None, "elapsed_s": 0.0}
+    if resume and checkpoint_path.exists():
+        state = _load_checkpoint(checkpoint_path, run_identity, potential, optimizer, scheduler, generator)
+        _truncate_log(log_path, state["epoch"])
+    elif log_path.exists() and not overwrite:
+        raise FileExistsError(f"{log_path} exists; refusing to overwrite it (use --overwrite)")
+    elif log_path.exists():
+        log_path.unlink()
+
+    train_tensors = DatasetTensors(train, dtype)
+    val_tensors = DatasetTensors(val, dtype)
+    start = time.perf_counter() - state["elapsed_s"]
+    stopped = "epochs"
+    bar = tqdm(total=settings.epochs, initial=state["epoch"], disable=not progress, desc=f"pretrain {arch}",
+               unit="epoch")
+    while state["epoch"] < settings.epochs:
+        epoch_stats = _train_epoch(potential, loss_fn, optimizer, train_tensors, settings.batch_size, generator)
+        val_errors = prediction_errors(potential, val_tensors, batch_size=max(settings.batch_size, 32))
+        val_force = val_errors["force_mae_meV_per_A"]
+        scheduler.step(val_force)
+        state["epoch"] += 1
+        if val_force < state["best_val"]:
+            state.update(best_val=val_force, best_epoch=state["epoch"],
+                         best_model={k: v.detach().clone() for k, v in potential.state_dict().items()})
+        state["elapsed_s"] = time.perf_counter() - start
+        row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], **epoch_stats,
+               "val_energy_mae_meV": val_errors["energy_mae_meV"], "val_force_mae_meV_per_A": val_force,
+               "wall_time_s": round(state["elapsed_s"], 3)}
+        with open(log_path, "a") as log:
+            log.write(json.dumps(row) + "\n")
+        _save_checkpoint(checkpoint_path, run_identity, state, potential, optimizer, scheduler, generator)
+        bar.update(1)
+        bar.set_postfix(val_F_MAE=f"{val_force:.1f}", best=f"{state['best_val']:.1f}")
+        if state["epoch"] - state["best_epoch"] >= settings.patience:
+            stopped = "early stopping"
+            break
+        if settings.max_time_s is not None and state["elapsed_s"] >= settings.max_time_s:
+            stopped = "time limit"
+            break
+    bar.close()
+
+    if state["best_model"] is not None:
+        potential.load_state_dict(state["best_model"])
+    report = {
+        "arch": arch,
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "stopped_by": stopped,
+        "wall_time_s": round(state["elapsed_s"], 1),
+        "n_parameters": sum(p.numel() for p in potential.parameters()),
+        "validation": prediction_errors(potential, val_tensors),
+        "test": prediction_errors(potential, test, dtype=dtype) if len(test) else None,
+    }
+    history_entry = {
+        "stage": "pretrain",
+        "data": data.source,
+        "units": units,
+        "split": asdict(split),
+        "train_indices": train.indices.tolist(),
+        "val_indices": val.indices.tolist(),
+        "test_indices": test.indices.tolist(),
+        "settings": asdict(settings),
+        **scale_info,
+        "report": report,
+    }
+    metadata = build_metadata(potential, hyper, history=[history_entry])
+    save_model(potential, output, metadata, overwrite=True)
+    checkpoint_path.unlink(missing_ok=True)
+    return potential, report
+
+
+def _train_epoch(potential: nn.Module, loss_fn: EnergyForceLoss, optimizer: torch.optim.Optimizer,
+                 data: DatasetTensors, batch_size: int, generator: torch.Generator) -> dict[str, float]:
+    totals = {"loss": 0.0, "energy": 0.0, "force": 0.0, "frames": 0, "components": 0}
+    for batch in data.batches(batch_size, generator):
+        loss, stats = loss_fn(potential, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError("training loss became non-finite; lower --lr or check the data for "
+                                     "outliers")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals["loss"] += float(loss) * stats["frames"]
+        totals["energy"] += stats["energy_abs_sum"]
+        totals["force"] += stats["force_abs_sum"]
+        totals["frames"] += stats["frames"]
+        totals["components"] += stats["force_components"]
+    return {
+        "train_loss": totals["loss"] / totals["frames"],
+        "train_energy_mae_meV": 1000 * totals["energy"] / totals["frames"],
+        "train_force_mae_meV_per_A": 1000 * totals["force"] / totals["components"],
+    }
+
+
+def _save_checkpoint(path: Path, identity: dict, state: dict, potential: nn.Module, optimizer, scheduler,
+                     generator: torch.Generator) -> None:
+    payload = {
+        "identity": json.dumps(identity, sort_keys=True),
+        "state": {k: v for k, v in state.items() if k != "best_model"},
+        "best_model": state["best_model"],
+        "model": potential.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _load_checkpoint(path: Path, identity: dict, potential: nn.Module, optimizer, scheduler,
+                     generator: torch.Generator) -> dict:
+    payload = torch.load(path, weights_only=True)
+    if payload["identity"] != json.dumps(identity, sort_keys=True):
+        saved = json.loads(payload["identity"])
+        differences = sorted(k for k in identity if saved.get(k) != identity[k])
+        raise ValueError(f"{path} was written by a run with different {differences}; "
+                         f"resume with the same arguments or delete the checkpoint")
+    potential.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    generator.set_state(payload["generator"])
+    return {**payload["state"], "best_model": payload["best_model"]}
+
+
+def _truncate_log(path: Path, last_epoch: int) -> None:
+    """Drop log rows of epochs after the checkpoint (a run killed between log and checkpoint)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= last_epoch]
+    if len(kept) != len(rows):
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
