@@ -78,8 +78,8 @@ class EnergyForceLoss(nn.Module):
         force_error = forces - batch.forces
         loss = self.energy_weight * energy_error.pow(2).mean() + self.force_weight * force_error.pow(2).mean()
         stats = {
-            "energy_abs_sum": float((energy - batch.energies).abs().sum()),
-            "force_abs_sum": float(force_error.abs().sum()),
+            "energy_abs_sum": float((energy.detach() - batch.energies).abs().sum()),
+            "force_abs_sum": float(force_error.detach().abs().sum()),
             "frames": len(batch),
             "force_components": force_error.numel(),
         }
@@ -294,7 +294,7 @@ def _train_epoch(potential: nn.Module, loss_fn: EnergyForceLoss, optimizer: torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals["loss"] += float(loss) * stats["frames"]
+        totals["loss"] += float(loss.detach()) * stats["frames"]
         totals["energy"] += stats["energy_abs_sum"]
         totals["force"] += stats["force_abs_sum"]
         totals["frames"] += stats["frames"]

@@ -1,0 +1,41 @@
+"""Shared fixtures: the committed ethanol data set and a quickly pretrained small model."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+ETHANOL = REPO / "data" / "ethanol_xtb_500K.extxyz"
+
+# A SchNet small enough to train in seconds, still a real SchNet.
+FAST_SCHNET = {"hidden_channels": 32, "num_filters": 32, "num_interactions": 3, "num_gaussians": 16}
+
+
+@pytest.fixture(scope="session")
+def ethanol_path() -> Path:
+    return ETHANOL
+
+
+@pytest.fixture(scope="session")
+def ethanol(ethanol_path):
+    from stable_md.data import load_dataset
+
+    return load_dataset(ethanol_path)
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(tmp_path_factory, ethanol) -> Path:
+    """A small SchNet fitted to 200 ethanol frames for 30 epochs (a few tens of seconds)."""
+    from stable_md.pretrain import PretrainSettings, SplitSettings, pretrain
+
+    output = tmp_path_factory.mktemp("pretrained") / "ethanol_schnet.pt"
+    pretrain(ethanol, "schnet", output, split=SplitSettings(n_train=200, n_val=50, n_test=100, seed=0),
+             settings=PretrainSettings(epochs=30, lr=3e-3, batch_size=10, seed=0),
+             hyperparameters=FAST_SCHNET, progress=False)
+    return output

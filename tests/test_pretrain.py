@@ -1,0 +1,126 @@
+"""Pretraining on the committed ethanol set: it learns, it resumes exactly, it refuses to clobber."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST_SCHNET
+from stable_md.cli import main
+from stable_md.potentials import build_potential, load_model
+from stable_md.pretrain import (EnergyForceLoss, DatasetTensors, fit_energy_shifts, initialise_output_scale,
+                                prediction_errors)
+
+
+def test_pretraining_lowers_force_error_far_below_untrained(pretrained_model, ethanol):
+    model = load_model(pretrained_model)
+    entry = model.metadata["history"][0]
+    assert entry["stage"] == "pretrain" and len(entry["train_indices"]) == 200
+    assert not set(entry["train_indices"]) & set(entry["test_indices"])
+    test = ethanol.subset(entry["test_indices"])
+
+    torch.manual_seed(0)
+    untrained, _ = build_potential("schnet", ethanol.species, **FAST_SCHNET)
+    initialise_output_scale(untrained, ethanol.subset(entry["train_indices"]))
+    before = prediction_errors(untrained, test)
+    after = prediction_errors(model.module, test)
+    assert after["force_mae_meV_per_A"] < 0.5 * before["force_mae_meV_per_A"], (before, after)
+    assert after["energy_mae_meV"] < before["energy_mae_meV"]
+    report = entry["report"]["test"]
+    assert report["force_mae_meV_per_A"] == pytest.approx(after["force_mae_meV_per_A"], rel=1e-4)
+
+
+def test_energy_shifts_reproduce_composition_energies():
+    from stable_md.data import Dataset
+
+    rng = np.random.default_rng(0)
+    numbers = np.array([8, 1, 1])
+    data = Dataset(positions=rng.normal(size=(5, 3, 3)), numbers=numbers, energies=np.full(5, -2000.5),
+                   forces=np.zeros((5, 3, 3)))
+    shifts = fit_energy_shifts(data, [1, 8])
+    assert 2 * shifts[0] + shifts[1] == pytest.approx(-2000.5)
+
+
+def test_loss_is_zero_for_exact_labels_and_positive_otherwise(ethanol):
+    torch.manual_seed(0)
+    potential, _ = build_potential("schnet", ethanol.species, **FAST_SCHNET)
+    potential = potential.double()
+    tensors = DatasetTensors(ethanol.first(4), dtype=torch.float64)
+    batch = tensors.batch(torch.arange(4))
+    from stable_md.potentials import energy_and_forces
+
+    energy, forces = energy_and_forces(potential, batch.positions, batch.numbers)
+    batch.energies, batch.forces = energy.detach(), forces.detach()
+    loss, _ = EnergyForceLoss(1.0, 100.0)(potential, batch)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-20)
+    batch.forces = batch.forces + 0.1
+    loss, _ = EnergyForceLoss(1.0, 100.0)(potential, batch)
+    assert float(loss.detach()) == pytest.approx(100.0 * 0.01, rel=1e-9)
+    with pytest.raises(ValueError, match="weights"):
+        EnergyForceLoss(0.0, 0.0)
+
+
+def _cli_args(data, output, epochs):
+    return ["pretrain", "--data", str(data), "-o", str(output), "--n-train", "60", "--n-val", "20",
+            "--n-test", "20", "--epochs", str(epochs), "--batch-size", "10", "--patience", "100",
+            "--no-progress", "--seed", "3"] + sum((["--hyper", f"{k}={v}"] for k, v in FAST_SCHNET.items()), [])
+
+
+def test_killed_run_resumes_to_the_same_model(tmp_path, ethanol_path):
+    epochs = 8
+    reference = tmp_path / "straight.pt"
+    assert main(_cli_args(ethanol_path, reference, epochs)) == 0
+
+    resumed = tmp_path / "resumed.pt"
+    checkpoint = resumed.with_suffix(".ckpt.pt")
+    process = subprocess.Popen([sys.executable, "-m", "stable_md.cli"] + _cli_args(ethanol_path, resumed, epochs),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = resumed.with_suffix(".log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not resumed.exists(), "the run should have died mid-way"
+
+    # Without --resume the interrupted run is protected, with it the run completes.
+    assert main(_cli_args(ethanol_path, resumed, epochs)) == 2
+    assert main(_cli_args(ethanol_path, resumed, epochs) + ["--resume"]) == 0
+    assert not checkpoint.exists()
+    epochs_logged = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs_logged == list(range(1, epochs + 1))
+
+    from stable_md.data import load_dataset
+
+    data = load_dataset(ethanol_path).first(10)
+    a = prediction_errors(load_model(reference).module, data)
+    b = prediction_errors(load_model(resumed).module, data)
+    assert a["force_mae_meV_per_A"] == pytest.approx(b["force_mae_meV_per_A"], rel=1e-6)
+    assert a["energy_mae_meV"] == pytest.approx(b["energy_mae_meV"], rel=1e-6)
+
+
+def test_cli_refuses_to_overwrite_and_reports_bad_input(tmp_path, ethanol_path, capsys):
+    existing = tmp_path / "model.pt"
+    existing.write_text("user's file")
+    assert main(_cli_args(ethanol_path, existing, 1)) == 2
+    assert "model.pt exists" in capsys.readouterr().err
+    assert existing.read_text() == "user's file"
+
+    assert main(_cli_args(tmp_path / "nothing.xyz", tmp_path / "x.pt", 1)) == 2
+    assert "nothing.xyz does not exist" in capsys.readouterr().err
+
+    assert main(_cli_args(ethanol_path, tmp_path / "y.pt", 1) + ["--hyper", "width=3"]) == 2
+    assert "unknown hyperparameter(s) ['width']" in capsys.readouterr().err
+
+    args = _cli_args(ethanol_path, tmp_path / "z.pt", 1)
+    args[args.index("--n-train") + 1] = "600"
+    assert main(args) == 2
+    assert "has 500 frames, fewer than n_train + n_val" in capsys.readouterr().err
