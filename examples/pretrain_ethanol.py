@@ -46,8 +46,9 @@ def main() -> int:
     import numpy as np
     from ase import units
     from ase.io import Trajectory
+    from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import Stationary, ZeroRotation
+    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 
     from stable_md.calculator import StableCalculator
     from stable_md.data import load_dataset
@@ -55,16 +56,18 @@ def main() -> int:
     atoms = load_dataset(DATA).to_atoms(0)
     atoms.calc = StableCalculator(model)
     rng = np.random.default_rng(0)
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-
-    MaxwellBoltzmannDistribution(atoms, temperature_K=500, rng=rng)
+    thermalize_momenta(atoms, temperature_K=500, rng=rng)
     Stationary(atoms)
     ZeroRotation(atoms)
+    # ASE's default Langevin (fixcm=True) overheats small molecules; FixCom keeps the centre of mass instead.
+    atoms.set_constraint(FixCom())
     dynamics = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=500, friction=0.01 / units.fs, rng=rng,
-                        trajectory=Trajectory(str(out / "md.traj"), "w", atoms))
+                        fixcm=False, trajectory=Trajectory(str(out / "md.traj"), "w", atoms))
     start = time.perf_counter()
     temperatures = []
-    dynamics.attach(lambda: temperatures.append(atoms.get_temperature()), interval=20)
+    # Kinetic temperature over the 3N - 3 degrees of freedom left by FixCom.
+    dof = 3 * len(atoms) - 3
+    dynamics.attach(lambda: temperatures.append(2 * atoms.get_kinetic_energy() / (dof * units.kB)), interval=20)
     dynamics.run(2000)
     elapsed = time.perf_counter() - start
     distances = atoms.get_all_distances()[np.triu_indices(len(atoms), 1)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from ase import Atoms, units
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
@@ -44,7 +44,7 @@ def test_stress_matches_numeric_strain_derivative(tmp_path):
 def test_nve_energy_is_conserved(pretrained_model, ethanol):
     atoms = ethanol.to_atoms(0)
     atoms.calc = StableCalculator(pretrained_model, default_dtype="float64")
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(1))
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(1))
     Stationary(atoms)
     ZeroRotation(atoms)
     dynamics = VelocityVerlet(atoms, timestep=0.25 * units.fs)
