@@ -39,3 +39,11 @@ def pretrained_model(tmp_path_factory, ethanol) -> Path:
              settings=PretrainSettings(epochs=30, lr=3e-3, batch_size=10, seed=0),
              hyperparameters=FAST_SCHNET, progress=False)
     return output
+
+
+@pytest.fixture(autouse=True)
+def safe_loading_stays_on():
+    """Importing mace sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; our code must never leave it set."""
+    yield
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ, \
+        "a test or library path left torch's safe loading disabled (import mace via _e3nn_env)"

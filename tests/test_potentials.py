@@ -19,15 +19,15 @@ ARCHES = sorted(SMALL_HYPERPARAMETERS)
 SPECIES = [1, 6, 8]
 
 
-def _small(arch: str, dtype=torch.float64):
+def _small(arch: str, dtype=torch.float64, shifts=(-13.6, -1029.0, -2040.0)):
+    torch.manual_seed(1)
     try:
         potential, hyper = build_potential(arch, SPECIES, **SMALL_HYPERPARAMETERS[arch])
     except ImportError as error:
         pytest.skip(f"{arch} not installed: {error}")
-    torch.manual_seed(1)
     with torch.no_grad():
         # Non-trivial shifts/scale so that the wrapper's own arithmetic is exercised.
-        potential.energy_shift.copy_(torch.tensor([-13.6, -1029.0, -2040.0]))
+        potential.energy_shift.copy_(torch.tensor(shifts))
         potential.energy_scale.fill_(0.7)
     return potential.to(dtype), hyper
 
@@ -123,13 +123,17 @@ def test_batched_equals_one_by_one_and_atomic_energies_sum(arch):
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_model_file_round_trip_and_still_trains(arch, tmp_path):
-    potential, hyper = _small(arch, dtype=torch.float32)
+    # Zero shifts: float32 totals of O(1) eV resolve the small change one optimiser step makes.
+    potential, hyper = _small(arch, dtype=torch.float32, shifts=(0.0, 0.0, 0.0))
     positions, numbers = _ethanol(torch.float32)
-    frames = positions[None].repeat(3, 1, 1)
-    frames[1:] += 0.05
+    generator = torch.Generator().manual_seed(2)
+    frames = positions[None] + 0.05 * torch.randn((3,) + positions.shape, generator=generator)
     with torch.no_grad():
         reference, _ = potential(frames, numbers)
+    module_types = [type(m) for m in potential.modules()]
     path = save_model(potential, tmp_path / "model.pt", build_metadata(potential, hyper))
+    assert [type(m) for m in potential.modules()] == module_types, \
+        "saving must not script the caller's eager modules in place"
     loaded = load_model(path)
     assert loaded.arch == arch and loaded.species == SPECIES and loaded.cutoff == hyper["cutoff"]
     assert loaded.metadata["hyperparameters"] == hyper
@@ -148,7 +152,7 @@ def test_model_file_round_trip_and_still_trains(arch, tmp_path):
     optimizer.step()
     with torch.no_grad():
         after, _ = loaded.module(frames, numbers)
-    assert (after - reference).abs().max() > 1e-6
+    assert (after - reference).abs().max() > 1e-4
 
     # The trained, loaded module saves again and reloads to the same energies.
     again = save_model(loaded.module, tmp_path / "model2.pt", loaded.metadata)

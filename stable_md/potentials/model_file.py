@@ -59,15 +59,21 @@ def script_potential(potential: nn.Module) -> torch.jit.ScriptModule:
         if arch in E3NN_ARCHITECTURES:
             from stable_md.potentials._e3nn_env import import_e3nn_jit
 
-            return import_e3nn_jit().script(potential)
+            # e3nn scripts submodules in place by default, which would swap the caller's
+            # eager modules for ScriptModules behind their back.
+            return import_e3nn_jit().script(potential, in_place=False)
         return torch.jit.script(potential)
 
 
 @contextlib.contextmanager
 def _no_jit_deprecation():
-    """TorchScript is what OpenMM and ASE consumers load; torch's deprecation notice is noise to our users."""
+    """TorchScript is what OpenMM and ASE consumers load; torch's deprecation notice is noise to our users.
+
+    e3nn also warns about instance-level annotations while scripting, which users cannot act on.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*instance-level annotations.*", category=UserWarning)
         yield
 
 
