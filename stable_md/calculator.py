@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from stable_md.potentials.base import plain_execution
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.pretrain import DTYPES
 
@@ -107,7 +108,8 @@ def _evaluate(module, positions, numbers, cell, want_stress: bool):
         inputs.append(strain)
     else:
         positions_in, cell_in = positions, cell
-    energy, atomic = module(positions_in, numbers, cell_in)
+    with plain_execution():
+        energy, atomic = module(positions_in, numbers, cell_in)
     gradients = torch.autograd.grad(energy.sum(), inputs)
     forces = -gradients[0][0].detach().cpu().numpy().astype(np.float64)
     stress = None
