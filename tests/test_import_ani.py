@@ -250,3 +250,23 @@ def test_species_not_covered_by_the_model():
     potential, _ = import_torchani_model(model, species=[1, 8])
     with pytest.raises(ValueError, match=r"atomic numbers \[6\]"):
         potential(*_ethanol_frames(1))
+
+
+def test_cli_import_needs_trust_and_writes_a_model_file(tmp_path, capsys):
+    from stable_md.cli import main
+
+    model = _assembled_ani(ensemble=1, dtype=torch.float32)
+    source = tmp_path / "ani_module.pt"
+    torch.save(model, source)
+    output = tmp_path / "imported.pt"
+    assert main(["import", "ani", str(source), "-o", str(output)]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err and not output.exists()
+    assert main(["import", "ani", str(source), "-o", str(output), "--trust-pickle", "--species", "1,6,8"]) == 0
+    loaded = load_model(output)
+    assert loaded.species == [1, 6, 8] and loaded.metadata["history"][0]["stage"] == "import"
+    frames, numbers = _ethanol_frames(2, dtype=torch.float32)
+    expected, _ = _torchani_energy_forces(model, frames, numbers)
+    energy, _ = energy_and_forces(loaded.module, frames, numbers)
+    torch.testing.assert_close(energy.detach(), expected.to(energy.dtype), atol=2e-3, rtol=1e-6)
+    assert main(["import", "ani", str(source), "-o", str(output), "--trust-pickle"]) == 2
+    assert "exists" in capsys.readouterr().err
