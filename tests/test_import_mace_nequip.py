@@ -19,6 +19,7 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
+from small_models import periodic_test_box
 from stable_md.potentials import build_metadata, energy_and_forces, load_model, save_model
 
 # find_spec, not importorskip: importing the `mace` package itself sets
@@ -48,20 +49,9 @@ def _ethanol() -> Atoms:
 
 
 def _periodic_box() -> Atoms:
-    """Eight atoms in a 6.5 Å cubic box (twice the 3 Å cutoff fits), no pair closer than 1 Å."""
-    rng = np.random.default_rng(3)
-    box = 6.5
-    points: list[np.ndarray] = []
-    while len(points) < 8:
-        candidate = rng.uniform(0, box, 3)
-        ok = True
-        for p in points:
-            d = candidate - p
-            d -= box * np.round(d / box)
-            ok &= np.linalg.norm(d) > 1.0
-        if ok:
-            points.append(candidate)
-    return Atoms(numbers=[8, 1, 1, 6, 1, 8, 1, 1], positions=np.array(points), cell=np.eye(3) * box, pbc=True)
+    """The shared eight-atom 6.5 Å test box (twice the 3 Å cutoff fits)."""
+    positions, numbers, box = periodic_test_box()
+    return Atoms(numbers=numbers, positions=positions, cell=np.eye(3) * box, pbc=True)
 
 
 def _ours(potential, atoms: Atoms):

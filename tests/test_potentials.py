@@ -12,7 +12,7 @@ import pytest
 import torch
 from ase.build import molecule
 
-from small_models import SMALL_HYPERPARAMETERS
+from small_models import SMALL_HYPERPARAMETERS, periodic_test_box
 from stable_md.potentials import build_metadata, build_potential, energy_and_forces, load_model, save_model
 
 ARCHES = sorted(SMALL_HYPERPARAMETERS)
@@ -49,22 +49,9 @@ def _random_rotation(seed: int) -> torch.Tensor:
 
 
 def _periodic_cluster(dtype=torch.float64):
-    """Eight atoms in a 6.5 Å cubic box, no pair closer than 1 Å."""
-    rng = np.random.default_rng(3)
-    box = 6.5
-    points: list[np.ndarray] = []
-    while len(points) < 8:
-        candidate = rng.uniform(0, box, 3)
-        ok = True
-        for p in points:
-            d = candidate - p
-            d -= box * np.round(d / box)
-            ok &= np.linalg.norm(d) > 1.0
-        if ok:
-            points.append(candidate)
-    numbers = torch.tensor([8, 1, 1, 6, 1, 8, 1, 1], dtype=torch.long)
-    cell = torch.eye(3, dtype=dtype) * box
-    return torch.tensor(np.array(points), dtype=dtype), numbers, cell
+    positions, numbers, box = periodic_test_box()
+    return (torch.tensor(positions, dtype=dtype), torch.tensor(numbers, dtype=torch.long),
+            torch.eye(3, dtype=dtype) * box)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.potentials.base import Potential
+from stable_md.potentials.neighbors import frame_pointers
 
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "cutoff": 5.0,
@@ -88,8 +89,7 @@ class MACEBackbone(nn.Module):
         if not positions.requires_grad:
             positions = positions.clone()
         node_attrs = nn.functional.one_hot(self.element_index[species], self.num_elements).to(positions.dtype)
-        counts = torch.bincount(batch, minlength=num_frames)
-        ptr = torch.cat([torch.zeros(1, dtype=torch.long, device=batch.device), torch.cumsum(counts, 0)])
+        ptr = frame_pointers(batch, num_frames)
         data: Dict[str, Tensor] = {
             "positions": positions,
             "node_attrs": node_attrs,

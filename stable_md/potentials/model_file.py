@@ -84,7 +84,8 @@ def build_metadata(potential: nn.Module, hyperparameters: dict[str, Any], histor
 
     shift = potential.energy_shift.detach().cpu().tolist()
     species = potential.species_numbers.detach().cpu().tolist()
-    dtype = next(iter(potential.parameters())).dtype if any(True for _ in potential.parameters()) else torch.float32
+    first_parameter = next(potential.parameters(), None)
+    dtype = torch.float32 if first_parameter is None else first_parameter.dtype
     metadata = {
         "format": "stable-md model",
         "format_version": FORMAT_VERSION,

@@ -80,3 +80,9 @@ def cartesian_shifts(
     if cell is None:
         return unit_shifts
     return torch.einsum("ek,ekl->el", unit_shifts, cell[edge_frame])
+
+
+def frame_pointers(batch: Tensor, num_frames: int) -> Tensor:
+    """Row offsets ``[B + 1]`` of each frame in the flattened atoms (``ptr`` of graph libraries)."""
+    counts = torch.bincount(batch, minlength=num_frames)
+    return torch.cat([torch.zeros(1, dtype=torch.long, device=batch.device), torch.cumsum(counts, 0)])

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.potentials.base import Potential
+from stable_md.potentials.neighbors import frame_pointers
 
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "cutoff": 5.0,
@@ -86,8 +87,7 @@ class NequIPBackbone(nn.Module):
                 batch: Tensor, num_frames: int) -> Tensor:
         """Atomic energies ``[M]`` (model units, eV for models trained on eV) of the flattened frames."""
         vectors = positions[edge_index[1]] - positions[edge_index[0]] + shifts
-        counts = torch.bincount(batch, minlength=num_frames)
-        ptr = torch.cat([torch.zeros(1, dtype=torch.long, device=batch.device), torch.cumsum(counts, 0)])
+        ptr = frame_pointers(batch, num_frames)
         # Literal keys (TorchScript cannot read module-level strings); see the _POS... constants.
         data: Dict[str, Tensor] = {
             "pos": positions,
