@@ -100,6 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated atomic numbers to keep (default: all the model knows)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_import)
+
+    p = commands.add_parser("simulate", help="run many MD replicas of a model in OpenMM",
+                            description="Run R replicas of a model side by side in OpenMM (batched in one "
+                                        "Context by default) and write one DCD trajectory per replica, a "
+                                        "topology PDB, a per-replica state log and a JSON summary. A replica "
+                                        "whose energy, forces or positions become non-finite is frozen and "
+                                        "reported as unstable; the others continue.")
+    p.add_argument("model", help="stable-md model file")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--structure", help="starting structure(s): any file ASE reads; with several frames, "
+                                           "replicas start from frames spread over the file")
+    start.add_argument("--data", help="data set (extended XYZ or MD17 .npz); replicas start from frames "
+                                      "spread evenly over it")
+    p.add_argument("-o", "--output", required=True, help="run directory to write")
+    p.add_argument("--replicas", type=_positive_int, default=32, help="number of replicas (default: 32)")
+    p.add_argument("--temperature", type=_positive_float, default=300.0, help="K (default: 300)")
+    p.add_argument("--timestep", type=_positive_float, default=0.5, help="fs (default: 0.5)")
+    p.add_argument("--time", default="10ps",
+                   help="simulated time per replica, e.g. 10ps, 500fs, 1ns; a bare number is ps (default: 10ps)")
+    p.add_argument("--integrator", choices=["langevin", "nose-hoover", "verlet"], default="langevin",
+                   help="langevin (LangevinMiddle), nose-hoover (one chain per replica) or verlet (NVE); "
+                        "default: langevin")
+    p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
+    p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
+                   help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
+    p.add_argument("--frame-interval", type=_positive_int, default=100,
+                   help="steps between trajectory frames and state-log rows (default: 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise (default: 0)")
+    p.add_argument("--mode", choices=["batched", "per-replica"], default="batched",
+                   help="batched: all replicas in one Context, evaluated as one batch (default); "
+                        "per-replica: one Context each")
+    p.add_argument("--force", choices=["python", "torch"], default="python",
+                   help="python: openmm.PythonForce (default); torch: openmmtorch.TorchForce")
+    p.add_argument("--platform", default="CPU", choices=["CPU", "Reference", "CUDA", "OpenCL"],
+                   help="OpenMM platform for integration (default: CPU, one thread; the model runs in torch)")
+    p.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
+    p.add_argument("--energy-key", default="energy", help="energy key for --data extended XYZ")
+    p.add_argument("--forces-key", default="forces", help="forces key for --data extended XYZ")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_simulate)
     return parser
 
 
@@ -182,6 +224,47 @@ def _import(args: argparse.Namespace) -> int:
     save_model(potential, output, build_metadata(potential, hyper, history=history), overwrite=args.overwrite)
     print(f"wrote {output}: {args.format} model, species {potential.species_numbers.tolist()}, "
           f"cutoff {potential.cutoff} Å")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from stable_md.structures import starting_frames
+    from stable_md.units import parse_time_fs
+
+    try:
+        from openmm_bridge.simulate import SimulationSettings, run_simulation
+    except ImportError as error:
+        raise ImportError(f"simulate needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume exclude each other")
+    total_time = parse_time_fs(args.time)
+    if total_time < args.timestep:
+        raise ValueError(f"--time {args.time} is shorter than one --timestep ({args.timestep} fs)")
+    numbers, starts, cell, source = starting_frames(
+        structure=args.structure, data=args.data, n_replicas=args.replicas,
+        energy_key=args.energy_key, forces_key=args.forces_key)
+    settings = SimulationSettings(
+        model=str(Path(args.model).resolve()), n_replicas=args.replicas, numbers=[int(z) for z in numbers],
+        integrator=args.integrator, temperature=args.temperature, timestep=args.timestep, total_time=total_time,
+        friction=args.friction, collision_frequency=args.collision_frequency, seed=args.seed,
+        frame_interval=args.frame_interval, mode=args.mode, backend=args.force, platform=args.platform,
+        periodic=cell is not None)
+    print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
+          f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
+          f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {args.platform}")
+    summary = run_simulation(settings, starts, args.output, cell=cell, overwrite=args.overwrite,
+                             resume=args.resume, progress=not args.no_progress, device=args.device)
+    rate = summary["replica_steps_per_second"]
+    print(f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
+          f"({rate:.1f} replica-steps/s, {summary['ns_per_day_all_replicas']:.3f} ns/day over all replicas)")
+    print(f"unstable replicas: {summary['n_unstable']} of {args.replicas}")
+    for entry in summary["replicas"]:
+        if entry["status"] == "unstable":
+            print(f"  replica {entry['replica']}: unstable at {entry['unstable_at_ps']:.3f} ps"
+                  + (f" ({entry['error']})" if "error" in entry else ""))
+    output = Path(args.output)
+    print(f"wrote {output}/replica_*.dcd with {output}/topology.pdb (mdtraj.load(dcd, top=pdb)), "
+          f"{output}/state.csv, {output}/summary.json")
     return 0
 
 

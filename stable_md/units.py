@@ -66,3 +66,43 @@ def length_factor(unit: str) -> float:
         raise ValueError(
             f"unknown length unit {unit!r}; expected one of {sorted(LENGTH_UNITS_IN_ANGSTROM)}"
         ) from None
+
+
+# OpenMM's units, for the one edge where they are needed (openmm_bridge).
+# 1 eV in kJ/mol.
+EV_IN_KJ_PER_MOL: float = 1.0 / KJ_PER_MOL_IN_EV
+# Forces: 1 eV/Å in kJ/mol/nm.
+EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM: float = EV_IN_KJ_PER_MOL * NM_IN_ANGSTROM
+# Velocities: 1 Å/fs in nm/ps.
+ANGSTROM_PER_FS_IN_NM_PER_PS: float = PS_IN_FS / NM_IN_ANGSTROM
+# Boltzmann constant in kJ/mol/K.
+KB_KJ_PER_MOL_K: float = KB_EV_PER_K * EV_IN_KJ_PER_MOL
+
+
+def parse_time_fs(text: str | float, default_unit: str = "ps") -> float:
+    """A duration such as ``"10ps"``, ``"500 fs"``, ``"1ns"`` or ``2.5`` in fs.
+
+    A bare number is read in ``default_unit``. Raises ``ValueError`` naming the
+    accepted units for anything else.
+    """
+    factors = {"fs": 1.0, "ps": PS_IN_FS, "ns": 1e6}
+    if isinstance(text, (int, float)):
+        value, unit = float(text), default_unit
+    else:
+        stripped = str(text).strip()
+        unit = default_unit
+        for name in factors:
+            if stripped.endswith(name):
+                stripped, unit = stripped[: -len(name)].strip(), name
+                break
+        try:
+            value = float(stripped)
+        except ValueError:
+            raise ValueError(
+                f"cannot read {text!r} as a time; expected a number with fs, ps or ns, e.g. 10ps"
+            ) from None
+    if unit not in factors:
+        raise ValueError(f"unknown time unit {unit!r}; expected one of {sorted(factors)}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"time {text!r} must be a positive finite duration")
+    return value * factors[unit]

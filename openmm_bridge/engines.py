@@ -1,0 +1,206 @@
+"""The two ways to hold R replicas in OpenMM, behind one small interface used by ReplicaSet.
+
+``BatchedEngine``: one System of R*N particles (R non-interacting copies) and one
+Context; a single force evaluates the model on all running replicas as one batch.
+Frozen replicas get zero mass (OpenMM integrators leave massless particles where they
+are) and no thermostat, so changing the frozen set rebuilds the Context (about 1-3 ms).
+
+``PerReplicaEngine``: R Systems of N particles and R Contexts sharing one model; a
+frozen replica's Context is simply not stepped. Slower for small molecules, but each
+replica's integrator state (thermostat chain, random stream) is its own.
+
+All arrays here are in OpenMM units (nm, nm/ps); ReplicaSet converts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import openmm
+
+from openmm_bridge.forces import ModelCallback, make_force
+from openmm_bridge.integrators import IntegratorSettings, build_integrator
+
+PLATFORMS = ("Reference", "CPU", "CUDA", "OpenCL")
+
+
+def make_platform(name: str) -> tuple[openmm.Platform, dict[str, str]]:
+    """OpenMM platform ``name`` and its properties (one CPU thread: the model owns the cores)."""
+    if name not in PLATFORMS:
+        raise ValueError(f"unknown OpenMM platform {name!r}; expected one of {list(PLATFORMS)}")
+    try:
+        platform = openmm.Platform.getPlatformByName(name)
+    except Exception as error:
+        available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+        raise ValueError(f"OpenMM platform {name!r} is not available here; available: {available}") from error
+    properties = {"Threads": "1"} if name == "CPU" else {}
+    return platform, properties
+
+
+class _Engine:
+    """Common state: layout, masses, integrator settings, box."""
+
+    def __init__(self, model, numbers: np.ndarray, masses: np.ndarray, n_replicas: int,
+                 box_nm: Optional[np.ndarray], settings: IntegratorSettings, backend: str,
+                 platform: str, device: str) -> None:
+        self.model = model
+        self.numbers = numbers
+        self.masses = masses
+        self.n_replicas = n_replicas
+        self.n_atoms = len(numbers)
+        self.box_nm = box_nm
+        self.settings = settings
+        self.backend = backend
+        self.platform_name = platform
+        self.device = device
+        self.builds = 0
+
+    def _new_system(self, n_copies: int, masses: np.ndarray) -> openmm.System:
+        system = openmm.System()
+        for mass in masses.reshape(-1):
+            system.addParticle(float(mass))
+        if self.box_nm is not None:
+            system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in self.box_nm))
+        return system
+
+    def _new_context(self, system: openmm.System, integrator: openmm.Integrator) -> openmm.Context:
+        platform, properties = make_platform(self.platform_name)
+        return openmm.Context(system, integrator, platform, properties)
+
+
+class BatchedEngine(_Engine):
+    """All replicas in one Context."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.callback = ModelCallback(self.model, self.numbers, self.n_replicas, periodic=self.box_nm is not None,
+                                      device=self.device)
+        self.frozen = np.zeros(self.n_replicas, dtype=bool)
+        self.context: Optional[openmm.Context] = None
+        self._buffer = np.empty((self.n_replicas * self.n_atoms, 3))
+
+    def build(self, frozen: np.ndarray, salt: Optional[int] = None) -> None:
+        """(Re)create System, integrator and Context for the frozen mask ``frozen`` [R]; state is not kept."""
+        self.frozen = np.array(frozen, dtype=bool)
+        self.builds = self.builds + 1 if salt is None else salt
+        masses = np.repeat(self.masses[None, :], self.n_replicas, axis=0)
+        masses[self.frozen] = 0.0
+        self.system = self._new_system(self.n_replicas, masses)
+        self.force = make_force(self.callback, self.backend)
+        self.system.addForce(self.force)
+        groups = [range(r * self.n_atoms, (r + 1) * self.n_atoms) for r in np.flatnonzero(~self.frozen)]
+        self.integrator = build_integrator(self.settings, groups, salt=self.builds)
+        self.callback.active[:] = ~self.frozen
+        self.context = self._new_context(self.system, self.integrator)
+
+    def step(self, n_steps: int) -> None:
+        self.integrator.step(int(n_steps))
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        state = self.context.getState(getPositions=True, getVelocities=True)
+        return (self._vector(state, openmm.State.Positions), self._vector(state, openmm.State.Velocities))
+
+    def _vector(self, state: openmm.State, kind) -> np.ndarray:
+        out = np.empty((self.n_replicas * self.n_atoms, 3))
+        state._getVectorAsNumpy(kind, out)
+        return out.reshape(self.n_replicas, self.n_atoms, 3)
+
+    def write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+        self.context.setPositions(positions.reshape(-1, 3))
+        self.context.setVelocities(velocities.reshape(-1, 3))
+
+    def checkpoint(self) -> tuple[bytes, ...]:
+        return (self.context.createCheckpoint(),)
+
+    def load(self, checkpoints: tuple[bytes, ...], frozen: np.ndarray, salt: int) -> None:
+        if self.context is None or not np.array_equal(frozen, self.frozen) or salt != self.builds:
+            self.build(frozen, salt=salt)
+        self.context.loadCheckpoint(checkpoints[0])
+
+    def nonfinite(self) -> np.ndarray:
+        return self.callback.nonfinite.copy()
+
+    def clear_nonfinite(self) -> None:
+        self.callback.nonfinite[:] = False
+
+    def last_error(self) -> Optional[BaseException]:
+        error, self.callback.last_error = self.callback.last_error, None
+        return error
+
+
+class PerReplicaEngine(_Engine):
+    """One Context per replica, all sharing the same model module."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        periodic = self.box_nm is not None
+        self.callbacks = [ModelCallback(self.model, self.numbers, 1, periodic=periodic, device=self.device)
+                          for _ in range(self.n_replicas)]
+        self.frozen = np.zeros(self.n_replicas, dtype=bool)
+        self.contexts: list[openmm.Context] = []
+        self.errors: list[Optional[BaseException]] = [None] * self.n_replicas
+
+    def build(self, frozen: np.ndarray, salt: Optional[int] = None) -> None:
+        self.frozen = np.array(frozen, dtype=bool)
+        self.builds = self.builds + 1 if salt is None else salt
+        self.contexts, self.integrators = [], []
+        for replica, callback in enumerate(self.callbacks):
+            system = self._new_system(1, self.masses)
+            system.addForce(make_force(callback, self.backend))
+            # Each replica its own random stream: replica index and build count both salt the seed.
+            integrator = build_integrator(self.settings, [range(self.n_atoms)],
+                                          salt=self.builds * 100_003 + replica)
+            self.integrators.append(integrator)
+            self.contexts.append(self._new_context(system, integrator))
+
+    def step(self, n_steps: int) -> None:
+        for replica in np.flatnonzero(~self.frozen):
+            if self.callbacks[replica].nonfinite[0]:
+                continue
+            try:
+                self.integrators[replica].step(int(n_steps))
+            except openmm.OpenMMException as error:
+                # One replica's failure stays its own: ReplicaSet freezes it at its last good state.
+                self.errors[replica] = self.callbacks[replica].last_error or error
+                self.callbacks[replica].nonfinite[0] = True
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.empty((self.n_replicas, self.n_atoms, 3))
+        velocities = np.empty_like(positions)
+        for replica, context in enumerate(self.contexts):
+            state = context.getState(getPositions=True, getVelocities=True)
+            state._getVectorAsNumpy(openmm.State.Positions, positions[replica])
+            state._getVectorAsNumpy(openmm.State.Velocities, velocities[replica])
+        return positions, velocities
+
+    def write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+        for replica, context in enumerate(self.contexts):
+            context.setPositions(positions[replica])
+            context.setVelocities(velocities[replica])
+
+    def write_replicas(self, replicas: np.ndarray, positions: np.ndarray, velocities: np.ndarray) -> None:
+        for replica in replicas:
+            self.contexts[replica].setPositions(positions[replica])
+            self.contexts[replica].setVelocities(velocities[replica])
+
+    def checkpoint(self) -> tuple[bytes, ...]:
+        return tuple(context.createCheckpoint() for context in self.contexts)
+
+    def load(self, checkpoints: tuple[bytes, ...], frozen: np.ndarray, salt: int,
+             replicas: Optional[np.ndarray] = None) -> None:
+        if not self.contexts or salt != self.builds:
+            self.build(frozen, salt=salt)
+        self.frozen = np.array(frozen, dtype=bool)
+        chosen = range(self.n_replicas) if replicas is None else replicas
+        for replica in chosen:
+            self.contexts[replica].loadCheckpoint(checkpoints[replica])
+
+    def nonfinite(self) -> np.ndarray:
+        return np.array([callback.nonfinite[0] for callback in self.callbacks])
+
+    def clear_nonfinite(self) -> None:
+        for callback in self.callbacks:
+            callback.nonfinite[:] = False
+
+    def last_error(self) -> Optional[BaseException]:
+        return None  # per-replica failures are contained, see step()

@@ -1,0 +1,218 @@
+"""The OpenMM force that evaluates a stable-md model: PythonForce by default, TorchForce on request.
+
+:class:`ModelCallback` is the computation behind ``openmm.PythonForce``: it evaluates R
+non-interacting replicas of one system as one batch ``[R, N, 3]``, converts units at
+the edge (nm and kJ/mol outside, Å and eV inside), keeps each replica's last energy,
+and shields the other replicas from one that produces non-finite numbers: such a
+replica is flagged, gets zero forces and is no longer evaluated.
+
+It is a module-level class holding the model file's path, so a System containing it
+pickles into OpenMM's XML (see :mod:`openmm_bridge.serialization`).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import openmm
+import torch
+from torch import nn
+
+from stable_md.potentials.base import energy_and_forces
+from stable_md.potentials.model_file import ModelFile, load_model
+from stable_md.units import EV_IN_KJ_PER_MOL, EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM, NM_IN_ANGSTROM
+
+BACKENDS = ("python", "torch")
+FORCE_NAME = "stable-md model"
+
+
+class ModelCallback:
+    """PythonForce computation for ``n_replicas`` copies of a system of atomic numbers ``numbers``.
+
+    Parameters
+    ----------
+    model:
+        A Potential-like module (it may be trained while the simulation runs: the callback
+        always uses its current parameters), a loaded :class:`ModelFile`, or a model file path.
+    numbers:
+        Atomic numbers of one replica, in particle order.
+    n_replicas:
+        Copies laid out consecutively: particle ``r * N + i`` is atom ``i`` of replica ``r``.
+    periodic:
+        Pass OpenMM's box vectors to the model as its cell (minimum image inside the model).
+    model_path:
+        File the module was loaded from; needed to pickle the callback (XML serialization).
+    device:
+        Torch device the model runs on.
+    remove_net_force:
+        Subtract each replica's mean force so that its centre-of-mass momentum is conserved
+        exactly, as it is analytically for a translation-invariant potential; without this,
+        float32 round-off makes molecules drift and upsets per-replica thermostats.
+    """
+
+    def __init__(self, model: nn.Module | ModelFile | str | os.PathLike, numbers: Sequence[int],
+                 n_replicas: int = 1, periodic: bool = False, model_path: Optional[str | os.PathLike] = None,
+                 device: str | torch.device = "cpu", remove_net_force: bool = True) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            model_path = model
+            model = load_model(model, device=device)
+        if isinstance(model, ModelFile):
+            model_path = model.path if model_path is None else model_path
+            model = model.module
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a model module, ModelFile or model file path, got {type(model).__name__}")
+        if n_replicas < 1:
+            raise ValueError(f"n_replicas must be at least 1, got {n_replicas}")
+        self.model = model
+        self.model_path = None if model_path is None else Path(model_path).resolve()
+        self.numbers = np.asarray(numbers, dtype=np.int64)
+        if self.numbers.ndim != 1 or len(self.numbers) == 0:
+            raise ValueError("numbers must be a non-empty list of atomic numbers")
+        self.n_replicas = int(n_replicas)
+        self.n_atoms = int(len(self.numbers))
+        self.periodic = bool(periodic)
+        self.device = torch.device(device)
+        self.remove_net_force = bool(remove_net_force)
+        self._setup()
+
+    def _setup(self) -> None:
+        parameter = next(self.model.parameters(), None)
+        self.dtype = torch.float32 if parameter is None else parameter.dtype
+        self._numbers_tensor = torch.as_tensor(self.numbers, device=self.device)
+        self._positions = np.empty((self.n_replicas * self.n_atoms, 3), dtype=np.float64)
+        self.active = np.ones(self.n_replicas, dtype=bool)
+        self.nonfinite = np.zeros(self.n_replicas, dtype=bool)
+        self.energies_eV = np.full(self.n_replicas, np.nan)
+        self.last_error: Optional[BaseException] = None
+        self.evaluations = 0
+
+    # -- pickling: the path, never the module -------------------------------------------------
+    def __getstate__(self) -> dict:
+        if self.model_path is None:
+            raise pickle.PicklingError(
+                "this force's model was never saved to a file; save it (stable_md.potentials.save_model) and "
+                "build the force from the file to serialize the System")
+        return {"model_path": str(self.model_path), "numbers": self.numbers.tolist(),
+                "n_replicas": self.n_replicas, "periodic": self.periodic, "device": str(self.device),
+                "remove_net_force": self.remove_net_force, "active": self.active.tolist()}
+
+    def __setstate__(self, state: dict) -> None:
+        path = Path(state["model_path"])
+        if not path.exists():
+            raise FileNotFoundError(f"the serialized System's model file {path} does not exist")
+        self.model = load_model(path, device=state["device"]).module
+        self.model_path = path
+        self.numbers = np.asarray(state["numbers"], dtype=np.int64)
+        self.n_replicas = int(state["n_replicas"])
+        self.n_atoms = int(len(self.numbers))
+        self.periodic = bool(state["periodic"])
+        self.device = torch.device(state["device"])
+        self.remove_net_force = bool(state["remove_net_force"])
+        self._setup()
+        self.active[:] = np.asarray(state["active"], dtype=bool)
+
+    # -- the computation --------------------------------------------------------------------------
+    def __call__(self, state: openmm.State):
+        _read_positions(state, self._positions)
+        box = None
+        if self.periodic:
+            box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True)._value, dtype=np.float64)
+        try:
+            return self.compute(self._positions, box)
+        except BaseException as error:
+            # OpenMM re-raises this as a bare OpenMMException; keep the original for the caller.
+            self.last_error = error
+            raise
+
+    def compute(self, positions_nm: np.ndarray, box_nm: Optional[np.ndarray] = None):
+        """Total energy (kJ/mol) and forces ``[R*N, 3]`` (kJ/mol/nm) of all running replicas."""
+        frames = positions_nm.reshape(self.n_replicas, self.n_atoms, 3)
+        forces = np.zeros((self.n_replicas, self.n_atoms, 3), dtype=np.float64)
+        self.energies_eV[:] = np.nan
+        running = self.active & ~self.nonfinite
+        finite_positions = np.isfinite(frames).all(axis=(1, 2))
+        self.nonfinite |= running & ~finite_positions
+        replicas = np.flatnonzero(running & finite_positions)
+        total = 0.0
+        if len(replicas):
+            energies, replica_forces = self._evaluate(frames[replicas], box_nm)
+            good = np.isfinite(energies) & np.isfinite(replica_forces).all(axis=(1, 2))
+            self.nonfinite[replicas[~good]] = True
+            replicas, energies, replica_forces = replicas[good], energies[good], replica_forces[good]
+            if self.remove_net_force:
+                replica_forces = replica_forces - replica_forces.mean(axis=1, keepdims=True)
+            forces[replicas] = replica_forces * EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM
+            self.energies_eV[replicas] = energies
+            total = float(energies.sum()) * EV_IN_KJ_PER_MOL
+        self.evaluations += 1
+        return total, forces.reshape(-1, 3)
+
+    def _evaluate(self, frames_nm: np.ndarray, box_nm: Optional[np.ndarray]):
+        positions = torch.as_tensor(frames_nm * NM_IN_ANGSTROM, dtype=self.dtype, device=self.device)
+        cell = None
+        if box_nm is not None:
+            cell = torch.as_tensor(box_nm * NM_IN_ANGSTROM, dtype=self.dtype, device=self.device)
+            cell = cell.unsqueeze(0).expand(len(frames_nm), 3, 3)
+        energy, forces = energy_and_forces(self.model, positions, self._numbers_tensor, cell)
+        return (energy.detach().to("cpu", torch.float64).numpy(),
+                forces.detach().to("cpu", torch.float64).numpy())
+
+
+def _read_positions(state: openmm.State, out: np.ndarray) -> None:
+    """Positions in nm into ``out`` without building unit-wrapped objects."""
+    reader = getattr(state, "_getVectorAsNumpy", None)
+    if reader is not None:
+        reader(openmm.State.Positions, out)
+    else:  # pragma: no cover - older OpenMM without the array path
+        out[:] = state.getPositions(asNumpy=True).value_in_unit(openmm.unit.nanometer)
+
+
+def torch_force_available() -> bool:
+    """Whether ``openmmtorch`` imports (it needs a torch build matching the one it was compiled with)."""
+    try:
+        _import_openmmtorch()
+    except ImportError:
+        return False
+    return True
+
+
+def _import_openmmtorch():
+    import torch  # noqa: F401  (openmmtorch needs torch's libraries loaded first)
+
+    try:
+        import openmmtorch
+    except Exception as error:  # a torch/openmmtorch mismatch raises OSError or ImportError
+        raise ImportError(
+            f"the TorchForce backend needs the openmmtorch package built for this torch ({torch.__version__}): "
+            f"{error}. Use the default PythonForce backend, or `make test-openmmtorch` for a matching environment"
+        ) from error
+    return openmmtorch
+
+
+def make_force(callback: ModelCallback, backend: str = "python") -> openmm.Force:
+    """The OpenMM force for ``callback``'s model and replica layout.
+
+    ``backend="python"`` gives ``openmm.PythonForce(callback)``; ``"torch"`` gives an
+    ``openmmtorch.TorchForce`` of the model exported in OpenMM units (forces computed
+    inside the exported module). The TorchForce path does not shield replicas from
+    non-finite values; :class:`openmm_bridge.replicas.ReplicaSet` then catches them from
+    the positions instead.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown force backend {backend!r}; expected one of {list(BACKENDS)}")
+    if backend == "python":
+        force = openmm.PythonForce(callback)
+    else:
+        openmmtorch = _import_openmmtorch()
+        from openmm_bridge.export import export_for_openmm
+
+        module = export_for_openmm(callback.model, callback.numbers.tolist(), callback.n_replicas,
+                                   return_forces=True)
+        force = openmmtorch.TorchForce(module)
+        force.setOutputsForces(True)
+    force.setUsesPeriodicBoundaryConditions(callback.periodic)
+    force.setName(FORCE_NAME)
+    return force

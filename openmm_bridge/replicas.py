@@ -1,0 +1,468 @@
+"""R replicas of one system driven by a stable-md model in OpenMM, with snapshots, rewind and freezing.
+
+>>> replicas = ReplicaSet("model.pt", numbers, start_positions, n_replicas=32,
+...                       integrator="nose-hoover", temperature=500, timestep=0.5)
+>>> before = replicas.snapshot()
+>>> replicas.run(2000, every=100, callback=lambda frames: check(frames.positions))
+>>> replicas.restore(before)            # bit-exact rewind of every replica
+
+Units at this API are stable-md's: positions Å, velocities Å/fs, energies eV, time fs.
+``mode="batched"`` (default) holds the replicas as non-interacting copies in one
+Context whose single force evaluates the model on all of them as one batch;
+``mode="per-replica"`` gives each its own Context (useful for large systems and as a
+check). A replica whose positions, energy or forces become non-finite is marked
+unstable and frozen at its last finite state; the others carry on.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import openmm
+from ase.data import atomic_masses
+from torch import nn
+
+from openmm_bridge.engines import BatchedEngine, PerReplicaEngine
+from openmm_bridge.forces import BACKENDS
+from openmm_bridge.integrators import IntegratorSettings, openmm_seed
+from stable_md.potentials.model_file import ModelFile, load_model
+from stable_md.units import (ANGSTROM_PER_FS_IN_NM_PER_PS, KB_EV_PER_K, KB_KJ_PER_MOL_K, KJ_PER_MOL_IN_EV,
+                             NM_IN_ANGSTROM)
+
+MODES = ("batched", "per-replica")
+# Kinetic energy of 1 amu moving at 1 Å/fs, in eV.
+AMU_ANGSTROM2_PER_FS2_IN_EV = KJ_PER_MOL_IN_EV * ANGSTROM_PER_FS_IN_NM_PER_PS ** 2
+DEFAULT_CHECK_INTERVAL = 50
+
+
+@dataclass
+class ReplicaFrames:
+    """The replicas at one moment (handed to ``run`` callbacks).
+
+    positions [R, N, 3] Å; velocities [R, N, 3] Å/fs; potential_energy, kinetic_energy
+    [R] eV (potential NaN for replicas not running); temperature [R] K from the
+    internal kinetic energy (3N - 3 degrees of freedom); running [R] bool.
+    """
+
+    step: int
+    time: float
+    positions: np.ndarray
+    velocities: np.ndarray
+    potential_energy: np.ndarray
+    kinetic_energy: np.ndarray
+    temperature: np.ndarray
+    running: np.ndarray
+
+
+@dataclass
+class ReplicaSnapshot:
+    """Everything needed to put the replica set back exactly where it was."""
+
+    step: int
+    positions: np.ndarray
+    velocities: np.ndarray
+    frozen: np.ndarray
+    unstable: np.ndarray
+    unstable_step: np.ndarray
+    checkpoints: tuple[bytes, ...] = field(repr=False)
+    build: int = 0
+
+
+class ReplicaSet:
+    """R replicas of one system (molecule or periodic box) in OpenMM.
+
+    Parameters
+    ----------
+    model:
+        Model file path, loaded :class:`ModelFile`, or Potential-like module. A module
+        can be trained between calls to :meth:`run`: the force always uses its current
+        parameters.
+    numbers:
+        Atomic numbers ``[N]``.
+    positions:
+        Starting positions in Å: ``[N, 3]`` (every replica starts there) or ``[R, N, 3]``.
+    n_replicas:
+        R; taken from ``positions`` when that is ``[R, N, 3]``.
+    cell:
+        Periodic box ``[3, 3]`` in Å (rows are box vectors, in OpenMM's reduced form:
+        a along x, b in the xy plane), shared by all replicas; ``None`` for molecules.
+    integrator, temperature, timestep, friction, collision_frequency, seed:
+        See :class:`~openmm_bridge.integrators.IntegratorSettings` (K, fs, 1/ps, 1/ps).
+    velocities:
+        ``[R, N, 3]`` Å/fs; default: Maxwell-Boltzmann at ``temperature`` with each
+        replica's centre-of-mass velocity removed.
+    mode:
+        ``batched`` or ``per-replica``.
+    backend:
+        ``python`` (openmm.PythonForce) or ``torch`` (openmmtorch.TorchForce).
+    platform:
+        OpenMM platform. ``CPU`` (default, one thread) gives every Context its own random
+        stream; ``Reference`` shares one stream across the whole process, so two replica
+        sets (or per-replica Contexts) stepped in turn would change each other's noise.
+    masses:
+        ``[N]`` amu; default: standard atomic masses.
+    check_interval:
+        Steps between non-finite checks (freezing happens at these boundaries).
+    """
+
+    def __init__(self, model: nn.Module | ModelFile | str | os.PathLike, numbers: Sequence[int],
+                 positions: np.ndarray, n_replicas: Optional[int] = None, cell: Optional[np.ndarray] = None,
+                 integrator: str = "langevin", temperature: float = 300.0, timestep: float = 0.5,
+                 friction: float = 1.0, collision_frequency: float = 10.0, seed: int = 0,
+                 velocities: Optional[np.ndarray] = None, mode: str = "batched", backend: str = "python",
+                 platform: str = "CPU", device: str = "cpu", masses: Optional[Sequence[float]] = None,
+                 check_interval: int = DEFAULT_CHECK_INTERVAL) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(model, device=device)
+        self.model_file = model if isinstance(model, ModelFile) else None
+        self.model = model.module if isinstance(model, ModelFile) else model
+        self.numbers = np.asarray(numbers, dtype=np.int64)
+        if self.numbers.ndim != 1 or len(self.numbers) == 0:
+            raise ValueError(f"numbers must be a 1-D list of atomic numbers, got shape {self.numbers.shape}")
+        self._check_species()
+        self.n_atoms = len(self.numbers)
+        start = self._start_positions(positions, n_replicas)
+        self.n_replicas = len(start)
+        if mode not in MODES:
+            raise ValueError(f"unknown replica mode {mode!r}; expected one of {list(MODES)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown force backend {backend!r}; expected one of {list(BACKENDS)}")
+        if check_interval < 1:
+            raise ValueError(f"check_interval must be at least 1 step, got {check_interval}")
+        self.mode, self.backend, self.check_interval = mode, backend, int(check_interval)
+        self.settings = IntegratorSettings(kind=integrator, temperature=float(temperature),
+                                           timestep=float(timestep), friction=float(friction),
+                                           collision_frequency=float(collision_frequency), seed=int(seed))
+        self.masses = self._masses(masses)
+        self.cell = None if cell is None else _reduced_box(cell)
+        box_nm = None if self.cell is None else self.cell / NM_IN_ANGSTROM
+        engine_class = BatchedEngine if mode == "batched" else PerReplicaEngine
+        self._engine = engine_class(self.model, self.numbers, self.masses, self.n_replicas, box_nm, self.settings,
+                                    backend, platform, device)
+        self.frozen = np.zeros(self.n_replicas, dtype=bool)
+        self.unstable = np.zeros(self.n_replicas, dtype=bool)
+        # Step at which each replica was found unstable (-1: never).
+        self.unstable_step = np.full(self.n_replicas, -1, dtype=np.int64)
+        self.errors: dict[int, str] = {}
+        self.step = 0
+        self._engine.build(self.frozen)
+        if velocities is None:
+            velocities = self.maxwell_boltzmann(self.settings.temperature, self.settings.seed)
+        self._write(start, self._checked_array(velocities, "velocities"))
+
+    # -- construction helpers ---------------------------------------------------------------------
+    def _check_species(self) -> None:
+        known = getattr(self.model, "species_numbers", None)
+        if known is None:
+            return
+        unknown = sorted(set(self.numbers.tolist()) - set(known.tolist()))
+        if unknown:
+            raise ValueError(f"the structure contains elements the model was not trained on: atomic numbers "
+                             f"{unknown}; the model knows {sorted(known.tolist())}")
+
+    def _start_positions(self, positions: np.ndarray, n_replicas: Optional[int]) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.float64)
+        if positions.ndim == 2:
+            positions = np.repeat(positions[None], 1 if n_replicas is None else int(n_replicas), axis=0)
+        if positions.ndim != 3 or positions.shape[1:] != (self.n_atoms, 3):
+            raise ValueError(f"positions must have shape [N, 3] or [R, N, 3] with N = {self.n_atoms} atoms, "
+                             f"got {positions.shape}")
+        if n_replicas is not None and len(positions) != n_replicas:
+            raise ValueError(f"positions hold {len(positions)} replicas but n_replicas = {n_replicas}")
+        if len(positions) < 1:
+            raise ValueError("at least one replica is needed")
+        if not np.isfinite(positions).all():
+            raise ValueError("starting positions contain NaN or infinite values")
+        return positions
+
+    def _checked_array(self, values: np.ndarray, name: str) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (self.n_replicas, self.n_atoms, 3):
+            raise ValueError(f"{name} must have shape {(self.n_replicas, self.n_atoms, 3)}, got {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} contain NaN or infinite values")
+        return values
+
+    def _masses(self, masses: Optional[Sequence[float]]) -> np.ndarray:
+        if masses is None:
+            return np.asarray(atomic_masses[self.numbers], dtype=np.float64)
+        masses = np.asarray(masses, dtype=np.float64)
+        if masses.shape != (self.n_atoms,) or not (masses > 0).all():
+            raise ValueError(f"masses must be {self.n_atoms} positive values in amu, got {masses}")
+        return masses
+
+    # -- state access (Å, Å/fs) ---------------------------------------------------------------------
+    @property
+    def time(self) -> float:
+        """Simulated time in fs since the start (every replica shares the clock)."""
+        return self.step * self.settings.timestep
+
+    @property
+    def running(self) -> np.ndarray:
+        """[R] bool: replicas that move when :meth:`run` is called."""
+        return ~self.frozen
+
+    def positions(self) -> np.ndarray:
+        """[R, N, 3] positions in Å."""
+        return self._engine.read()[0] * NM_IN_ANGSTROM
+
+    def velocities(self) -> np.ndarray:
+        """[R, N, 3] velocities in Å/fs (zero for frozen replicas)."""
+        return self._engine.read()[1] / ANGSTROM_PER_FS_IN_NM_PER_PS
+
+    def _write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+        velocities = velocities.copy()
+        velocities[self.frozen] = 0.0
+        self._engine.write(positions / NM_IN_ANGSTROM, velocities * ANGSTROM_PER_FS_IN_NM_PER_PS)
+
+    def set_state(self, positions: Optional[np.ndarray] = None, velocities: Optional[np.ndarray] = None,
+                  replicas: Optional[Iterable[int]] = None) -> None:
+        """Set positions (Å) and/or velocities (Å/fs) of ``replicas`` (default: all).
+
+        Arrays are ``[R, N, 3]`` when ``replicas`` is None, else ``[len(replicas), N, 3]``.
+        """
+        chosen = self._indices(replicas)
+        current_positions, current_velocities = self.positions(), self.velocities()
+        if positions is not None:
+            current_positions[chosen] = _finite(positions, (len(chosen), self.n_atoms, 3), "positions")
+        if velocities is not None:
+            current_velocities[chosen] = _finite(velocities, (len(chosen), self.n_atoms, 3), "velocities")
+        self._write(current_positions, current_velocities)
+
+    def maxwell_boltzmann(self, temperature: float, seed: int) -> np.ndarray:
+        """[R, N, 3] velocities (Å/fs) drawn at ``temperature`` K, each replica's centre of mass at rest."""
+        rng = np.random.default_rng(openmm_seed(seed, 7))
+        sigma = np.sqrt(KB_KJ_PER_MOL_K * temperature / self.masses)[None, :, None]  # nm/ps
+        velocities = rng.standard_normal((self.n_replicas, self.n_atoms, 3)) * sigma
+        if self.n_atoms > 1:
+            com = (velocities * self.masses[None, :, None]).sum(axis=1, keepdims=True) / self.masses.sum()
+            velocities -= com
+        return velocities / ANGSTROM_PER_FS_IN_NM_PER_PS
+
+    def randomize_velocities(self, temperature: Optional[float] = None, seed: Optional[int] = None,
+                             replicas: Optional[Iterable[int]] = None) -> None:
+        """Redraw Maxwell-Boltzmann velocities for ``replicas`` (default all)."""
+        chosen = self._indices(replicas)
+        drawn = self.maxwell_boltzmann(self.settings.temperature if temperature is None else temperature,
+                                       self.settings.seed + 1 + self.step if seed is None else seed)
+        self.set_state(velocities=drawn[chosen], replicas=chosen)
+
+    # -- energies ---------------------------------------------------------------------------------------
+    def potential_energies(self, positions: Optional[np.ndarray] = None) -> np.ndarray:
+        """[R] potential energy in eV of running replicas (NaN for frozen ones), evaluated as one batch."""
+        positions = self.positions() if positions is None else positions
+        callback = self._energy_callback()
+        saved_active, saved_nonfinite = callback.active.copy(), callback.nonfinite.copy()
+        callback.active[:] = ~self.frozen
+        callback.nonfinite[:] = False
+        try:
+            box = None if self.cell is None else self.cell / NM_IN_ANGSTROM
+            callback.compute(positions.reshape(-1, 3) / NM_IN_ANGSTROM, box)
+            return callback.energies_eV.copy()
+        finally:
+            callback.active[:], callback.nonfinite[:] = saved_active, saved_nonfinite
+
+    def _energy_callback(self):
+        if not hasattr(self, "_energy_evaluator"):
+            from openmm_bridge.forces import ModelCallback
+
+            self._energy_evaluator = ModelCallback(self.model, self.numbers, self.n_replicas,
+                                                   periodic=self.cell is not None, device=self._engine.device)
+        return self._energy_evaluator
+
+    def kinetic_energies(self, velocities: Optional[np.ndarray] = None) -> np.ndarray:
+        """[R] total kinetic energy in eV."""
+        velocities = self.velocities() if velocities is None else velocities
+        return 0.5 * AMU_ANGSTROM2_PER_FS2_IN_EV * np.einsum("n,rnk,rnk->r", self.masses, velocities, velocities)
+
+    def temperatures(self, velocities: Optional[np.ndarray] = None) -> np.ndarray:
+        """[R] internal temperature in K: kinetic energy without the centre-of-mass part over 3N - 3 DOF."""
+        velocities = self.velocities() if velocities is None else velocities
+        total = self.kinetic_energies(velocities)
+        if self.n_atoms < 2:
+            return 2.0 * total / (3.0 * KB_EV_PER_K)
+        com = (velocities * self.masses[None, :, None]).sum(axis=1) / self.masses.sum()
+        com_energy = 0.5 * AMU_ANGSTROM2_PER_FS2_IN_EV * self.masses.sum() * (com ** 2).sum(axis=1)
+        return 2.0 * (total - com_energy) / ((3 * self.n_atoms - 3) * KB_EV_PER_K)
+
+    def frames(self) -> ReplicaFrames:
+        """Positions, velocities, energies and temperatures of every replica now."""
+        positions, velocities = self.positions(), self.velocities()
+        kinetic = np.where(self.frozen, np.nan, self.kinetic_energies(velocities))
+        temperature = np.where(self.frozen, np.nan, self.temperatures(velocities))
+        return ReplicaFrames(step=self.step, time=self.time, positions=positions, velocities=velocities,
+                             potential_energy=self.potential_energies(positions), kinetic_energy=kinetic,
+                             temperature=temperature, running=~self.frozen)
+
+    # -- freezing ------------------------------------------------------------------------------------
+    def freeze(self, replicas: Iterable[int]) -> None:
+        """Stop ``replicas`` where they are (velocities zeroed) while the others continue."""
+        self._set_frozen(self.frozen | self._mask(replicas))
+
+    def unfreeze(self, replicas: Iterable[int], temperature: Optional[float] = None) -> None:
+        """Let frozen ``replicas`` move again, with fresh Maxwell-Boltzmann velocities."""
+        mask = self._mask(replicas) & self.frozen
+        if not mask.any():
+            return
+        self._set_frozen(self.frozen & ~mask)
+        self.randomize_velocities(temperature=temperature, replicas=np.flatnonzero(mask))
+
+    def _set_frozen(self, frozen: np.ndarray) -> None:
+        if np.array_equal(frozen, self.frozen):
+            return
+        positions, velocities = self.positions(), self.velocities()
+        self.frozen = frozen
+        if isinstance(self._engine, BatchedEngine):
+            self._engine.build(frozen)
+        else:
+            self._engine.frozen = frozen.copy()
+        self._write(positions, velocities)
+
+    # -- snapshots and rewind --------------------------------------------------------------------------
+    def snapshot(self) -> ReplicaSnapshot:
+        """The exact current state, including thermostat and random-number state."""
+        positions, velocities = self.positions(), self.velocities()
+        return ReplicaSnapshot(step=self.step, positions=positions, velocities=velocities,
+                               frozen=self.frozen.copy(), unstable=self.unstable.copy(),
+                               unstable_step=self.unstable_step.copy(), checkpoints=self._engine.checkpoint(),
+                               build=self._engine.builds)
+
+    def restore(self, snapshot: ReplicaSnapshot, replicas: Optional[Iterable[int]] = None) -> None:
+        """Put ``replicas`` (default: all) back to ``snapshot``.
+
+        Restoring all replicas is bit-exact, integrator state included, so the run that
+        follows repeats the one that followed the snapshot. Restoring a subset sets those
+        replicas' positions, velocities and frozen/unstable flags exactly; in batched mode
+        their thermostat variables continue from the present (per-replica mode restores
+        them too).
+        """
+        if snapshot.positions.shape != (self.n_replicas, self.n_atoms, 3):
+            raise ValueError(f"snapshot holds positions of shape {snapshot.positions.shape}, this set "
+                             f"{(self.n_replicas, self.n_atoms, 3)}")
+        if replicas is None:
+            self._engine.load(snapshot.checkpoints, snapshot.frozen, snapshot.build)
+            self.frozen = snapshot.frozen.copy()
+            self.unstable = snapshot.unstable.copy()
+            self.unstable_step = snapshot.unstable_step.copy()
+            self.step = snapshot.step
+            self._engine.clear_nonfinite()
+            return
+        chosen = self._indices(replicas)
+        mask = np.zeros(self.n_replicas, dtype=bool)
+        mask[chosen] = True
+        frozen = np.where(mask, snapshot.frozen, self.frozen)
+        self._set_frozen(frozen)
+        self.unstable[chosen] = snapshot.unstable[chosen]
+        self.unstable_step[chosen] = snapshot.unstable_step[chosen]
+        if isinstance(self._engine, PerReplicaEngine):
+            self._engine.load(snapshot.checkpoints, self.frozen, self._engine.builds, replicas=chosen)
+        else:
+            positions, velocities = self.positions(), self.velocities()
+            positions[chosen] = snapshot.positions[chosen]
+            velocities[chosen] = snapshot.velocities[chosen]
+            self._write(positions, velocities)
+
+    # -- running ---------------------------------------------------------------------------------------
+    def run(self, n_steps: int, callback: Optional[Callable[[ReplicaFrames], Optional[Iterable[int]]]] = None,
+            every: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> int:
+        """Advance every running replica by ``n_steps``; returns the steps taken.
+
+        ``callback(frames)`` is called whenever the step counter reaches a multiple of
+        ``every``; replica indices it returns are frozen (a stability criterion's
+        verdict). ``progress(k)`` is told of every ``k`` steps done. Stops early when no
+        replica is left running.
+        """
+        n_steps = int(n_steps)
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be non-negative, got {n_steps}")
+        if callback is not None and (every is None or every < 1):
+            raise ValueError("a callback needs every >= 1 steps")
+        done = 0
+        while done < n_steps and not self.frozen.all():
+            chunk = min(n_steps - done, self.check_interval)
+            if callback is not None:
+                chunk = min(chunk, every - self.step % every)
+            self._advance(chunk)
+            done += chunk
+            if progress is not None:
+                progress(chunk)
+            if callback is not None and self.step % every == 0:
+                verdict = callback(self.frames())
+                if verdict is not None:
+                    self.freeze(verdict)
+        return done
+
+    def _advance(self, n_steps: int) -> None:
+        start_positions, start_velocities = self._engine.read()
+        try:
+            self._engine.step(n_steps)
+        except openmm.OpenMMException as error:
+            original = self._engine.last_error()
+            if original is not None:
+                raise original
+            raise
+        self.step += n_steps
+        positions, velocities = self._engine.read()
+        bad = self._engine.nonfinite()
+        bad |= ~np.isfinite(positions).all(axis=(1, 2)) | ~np.isfinite(velocities).all(axis=(1, 2))
+        bad &= ~self.frozen
+        self._engine.clear_nonfinite()
+        if not bad.any():
+            return
+        if isinstance(self._engine, PerReplicaEngine):
+            for replica in np.flatnonzero(bad):
+                error = self._engine.errors[replica]
+                if error is not None:
+                    self.errors[int(replica)] = f"{type(error).__name__}: {error}"
+        # A replica that produced non-finite numbers is put back to its last finite state and frozen.
+        positions[bad] = start_positions[bad]
+        velocities[bad] = 0.0
+        self._engine.write(positions, velocities)
+        self.unstable |= bad
+        self.unstable_step[bad] = self.step
+        self._set_frozen(self.frozen | bad)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _indices(self, replicas: Optional[Iterable[int]]) -> np.ndarray:
+        if replicas is None:
+            return np.arange(self.n_replicas)
+        indices = np.asarray(list(replicas) if not isinstance(replicas, np.ndarray) else replicas)
+        if indices.dtype == bool:
+            if indices.shape != (self.n_replicas,):
+                raise ValueError(f"a replica mask must have {self.n_replicas} entries, got {indices.shape}")
+            return np.flatnonzero(indices)
+        indices = indices.astype(np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.n_replicas):
+            raise ValueError(f"replica indices must lie in 0..{self.n_replicas - 1}, got {indices.tolist()}")
+        return indices
+
+    def _mask(self, replicas: Iterable[int]) -> np.ndarray:
+        mask = np.zeros(self.n_replicas, dtype=bool)
+        mask[self._indices(replicas)] = True
+        return mask
+
+
+def _finite(values: np.ndarray, shape: tuple, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return values
+
+
+def _reduced_box(cell: np.ndarray) -> np.ndarray:
+    """Check that ``cell`` [3, 3] Å is in OpenMM's reduced form and return it as floats."""
+    cell = np.asarray(cell, dtype=np.float64)
+    if cell.shape != (3, 3) or not np.isfinite(cell).all():
+        raise ValueError(f"cell must be a finite [3, 3] array of box vectors in Å, got shape {cell.shape}")
+    a, b, c = cell
+    reduced = (a[1] == 0 and a[2] == 0 and b[2] == 0 and a[0] > 0 and b[1] > 0 and c[2] > 0
+               and abs(b[0]) <= 0.5 * a[0] + 1e-9 and abs(c[0]) <= 0.5 * a[0] + 1e-9
+               and abs(c[1]) <= 0.5 * b[1] + 1e-9)
+    if not reduced:
+        raise ValueError("OpenMM needs the box in reduced form: a = (ax, 0, 0), b = (bx, by, 0), c = (cx, cy, cz) "
+                         f"with |bx|, |cx| <= ax/2 and |cy| <= by/2; got {cell.tolist()}")
+    return cell

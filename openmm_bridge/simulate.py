@@ -1,0 +1,245 @@
+"""``stable-md simulate``: R replicas of a model in OpenMM, with trajectories, a state log and a JSON summary.
+
+The run directory holds ``topology.pdb``, ``replica_XXX.dcd`` (MDTraj:
+``mdtraj.load("replica_000.dcd", top="topology.pdb")``), ``state.csv``,
+``settings.json``, ``summary.json`` and ``checkpoint.npz``. The checkpoint is
+written atomically after every frame, so ``resume=True`` continues a killed run
+from its last frame, trajectories and log cut back to match.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot
+from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, TrajectoryWriter, truncate_dcd,
+                                     truncate_state_log, write_topology)
+from stable_md.potentials.model_file import atomic_write
+from stable_md.units import PS_IN_FS
+
+SETTINGS_NAME = "settings.json"
+SUMMARY_NAME = "summary.json"
+CHECKPOINT_NAME = "checkpoint.npz"
+# Settings that must agree between a run and its resumption.
+RESUME_KEYS = ("model", "n_replicas", "numbers", "integrator", "temperature", "timestep", "friction",
+               "collision_frequency", "seed", "frame_interval", "mode", "backend", "periodic")
+
+
+@dataclass
+class SimulationSettings:
+    """What ``stable-md simulate`` runs. Units: K, fs, 1/ps; ``frame_interval`` in steps."""
+
+    model: str
+    n_replicas: int
+    numbers: list
+    integrator: str = "langevin"
+    temperature: float = 300.0
+    timestep: float = 0.5
+    total_time: float = 10_000.0
+    friction: float = 1.0
+    collision_frequency: float = 10.0
+    seed: int = 0
+    frame_interval: int = 100
+    mode: str = "batched"
+    backend: str = "python"
+    platform: str = "CPU"
+    periodic: bool = False
+
+    @property
+    def n_steps(self) -> int:
+        return int(round(self.total_time / self.timestep))
+
+
+def output_files(directory: Path, n_replicas: int) -> list[Path]:
+    """Every file a run writes into ``directory``."""
+    names = [TOPOLOGY_NAME, STATE_LOG_NAME, SETTINGS_NAME, SUMMARY_NAME, CHECKPOINT_NAME]
+    return [directory / name for name in names] + [directory / f"replica_{r:03d}.dcd" for r in range(n_replicas)]
+
+
+def prepare_directory(directory: Path, n_replicas: int, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an earlier run unless asked; ``overwrite`` deletes only files a run writes."""
+    existing = [path for path in output_files(directory, n_replicas) if path.exists()]
+    if resume:
+        if not (directory / CHECKPOINT_NAME).exists():
+            raise FileNotFoundError(f"cannot resume: {directory / CHECKPOINT_NAME} does not exist")
+        return
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} already holds a run ({existing[0].name}, ...); pass --overwrite to "
+                              f"replace it or --resume to continue it")
+    for path in existing:
+        path.unlink()
+    for stale in directory.glob("replica_*.dcd") if overwrite else []:
+        stale.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: str | os.PathLike,
+                   cell: Optional[np.ndarray] = None, overwrite: bool = False, resume: bool = False,
+                   progress: bool = True, device: str = "cpu") -> dict:
+    """Run the replicas from ``starts`` [R, N, 3] Å and write the run directory; returns the summary."""
+    directory = Path(directory)
+    prepare_directory(directory, settings.n_replicas, overwrite, resume)
+    record = asdict(settings)
+    if resume:
+        _check_same_run(directory, record)
+    else:
+        _write_json(directory / SETTINGS_NAME, record)
+        write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], cell)
+    replicas = ReplicaSet(settings.model, settings.numbers, starts, cell=cell, integrator=settings.integrator,
+                          temperature=settings.temperature, timestep=settings.timestep, friction=settings.friction,
+                          collision_frequency=settings.collision_frequency, seed=settings.seed, mode=settings.mode,
+                          backend=settings.backend, platform=settings.platform, device=device,
+                          check_interval=min(settings.frame_interval, 50))
+    temperature_sum = np.zeros(settings.n_replicas)
+    temperature_count = np.zeros(settings.n_replicas, dtype=np.int64)
+    wall_before = 0.0
+    if resume:
+        saved = _load_checkpoint(directory / CHECKPOINT_NAME)
+        replicas.restore(saved["snapshot"])
+        temperature_sum, temperature_count = saved["temperature_sum"], saved["temperature_count"]
+        wall_before = saved["wall_seconds"]
+        for replica, frames in enumerate(saved["frames_written"]):
+            truncate_dcd(directory / f"replica_{replica:03d}.dcd", int(frames))
+        truncate_state_log(directory / STATE_LOG_NAME, replicas.step)
+    trajectories = TrajectoryWriter(directory, settings.numbers, settings.n_replicas, settings.timestep,
+                                    settings.frame_interval, cell=cell, append=resume)
+    state_log = StateLog(directory / STATE_LOG_NAME, append=resume)
+    started = time.perf_counter()
+
+    def report(frames) -> None:
+        trajectories.write(frames.positions, frames.running)
+        state_log.write(frames, _status(replicas))
+        measured = np.isfinite(frames.temperature)
+        temperature_sum[measured] += frames.temperature[measured]
+        temperature_count[measured] += 1
+        _save_checkpoint(directory / CHECKPOINT_NAME, replicas.snapshot(), trajectories.frames_written,
+                         temperature_sum, temperature_count, wall_before + time.perf_counter() - started)
+
+    if not resume:
+        report(replicas.frames())
+    bar = _progress_bar(settings.n_steps, replicas.step, progress)
+    try:
+        remaining = settings.n_steps - replicas.step
+
+        def advance(steps: int) -> None:
+            if bar is not None:
+                bar.update(steps)
+                bar.set_postfix(unstable=int(replicas.unstable.sum()), refresh=False)
+
+        replicas.run(remaining, callback=report, every=settings.frame_interval, progress=advance)
+    finally:
+        if bar is not None:
+            bar.close()
+        trajectories.close()
+        state_log.close()
+    wall = wall_before + time.perf_counter() - started
+    summary = _summary(settings, replicas, trajectories, temperature_sum, temperature_count, wall, directory)
+    _write_json(directory / SUMMARY_NAME, summary)
+    return summary
+
+
+def _status(replicas: ReplicaSet) -> list[str]:
+    return ["unstable" if replicas.unstable[r] else ("frozen" if replicas.frozen[r] else "running")
+            for r in range(replicas.n_replicas)]
+
+
+def _summary(settings: SimulationSettings, replicas: ReplicaSet, trajectories: TrajectoryWriter,
+             temperature_sum: np.ndarray, temperature_count: np.ndarray, wall: float, directory: Path) -> dict:
+    steps_run = replicas.step
+    replica_steps = float(np.where(replicas.unstable, replicas.unstable_step, steps_run).sum())
+    per_replica = []
+    for r in range(settings.n_replicas):
+        entry = {
+            "replica": r,
+            "status": _status(replicas)[r],
+            "unstable_at_ps": (float(replicas.unstable_step[r] * settings.timestep / PS_IN_FS)
+                               if replicas.unstable[r] else None),
+            "frames": int(trajectories.frames_written[r]),
+            "mean_temperature_K": (float(temperature_sum[r] / temperature_count[r])
+                                   if temperature_count[r] else None),
+            "trajectory": trajectories.paths[r].name,
+        }
+        if r in replicas.errors:
+            entry["error"] = replicas.errors[r]
+        per_replica.append(entry)
+    simulated_ns = replica_steps * settings.timestep * 1e-6
+    return {
+        "settings": asdict(settings),
+        "completed": steps_run >= settings.n_steps,
+        "steps": int(steps_run),
+        "time_ps": steps_run * settings.timestep / PS_IN_FS,
+        "n_unstable": int(replicas.unstable.sum()),
+        "wall_seconds": wall,
+        "replica_steps_per_second": replica_steps / wall if wall > 0 else None,
+        "ns_per_day_all_replicas": simulated_ns / wall * 86400 if wall > 0 else None,
+        "topology": TOPOLOGY_NAME,
+        "state_log": STATE_LOG_NAME,
+        "replicas": per_replica,
+        "directory": str(directory),
+    }
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="simulate", dynamic_ncols=True)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    text = json.dumps(payload, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def _check_same_run(directory: Path, record: dict) -> None:
+    path = directory / SETTINGS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    saved = json.loads(path.read_text())
+    different = [key for key in RESUME_KEYS if saved.get(key) != record.get(key)]
+    if different:
+        details = ", ".join(f"{key}: run has {saved.get(key)!r}, now {record.get(key)!r}" for key in different)
+        raise ValueError(f"cannot resume {directory}: settings differ from the original run ({details})")
+    if saved.get("total_time") != record.get("total_time"):
+        # Extending (or shortening) a run is allowed; everything else must match.
+        _write_json(path, {**saved, "total_time": record["total_time"]})
+
+
+def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.ndarray,
+                     temperature_sum: np.ndarray, temperature_count: np.ndarray, wall_seconds: float) -> None:
+    arrays = {
+        "step": np.array(snapshot.step), "positions": snapshot.positions, "velocities": snapshot.velocities,
+        "frozen": snapshot.frozen, "unstable": snapshot.unstable, "unstable_step": snapshot.unstable_step,
+        "build": np.array(snapshot.build), "frames_written": frames_written,
+        "temperature_sum": temperature_sum, "temperature_count": temperature_count,
+        "wall_seconds": np.array(wall_seconds), "n_checkpoints": np.array(len(snapshot.checkpoints)),
+    }
+    for index, blob in enumerate(snapshot.checkpoints):
+        arrays[f"checkpoint_{index}"] = np.frombuffer(blob, dtype=np.uint8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        checkpoints = tuple(data[f"checkpoint_{i}"].tobytes() for i in range(int(data["n_checkpoints"])))
+        snapshot = ReplicaSnapshot(step=int(data["step"]), positions=data["positions"],
+                                   velocities=data["velocities"], frozen=data["frozen"], unstable=data["unstable"],
+                                   unstable_step=data["unstable_step"], checkpoints=checkpoints,
+                                   build=int(data["build"]))
+        return {"snapshot": snapshot, "frames_written": data["frames_written"],
+                "temperature_sum": data["temperature_sum"].copy(),
+                "temperature_count": data["temperature_count"].copy(),
+                "wall_seconds": float(data["wall_seconds"])}
+

@@ -1,0 +1,107 @@
+"""`stable-md simulate`: files MDTraj reads, the summary, resume after a kill, refusals and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mdtraj
+import numpy as np
+import pytest
+
+from stable_md.cli import main
+
+
+def _args(model, data, output, *extra):
+    return ["simulate", str(model), "--data", str(data), "-o", str(output), "--replicas", "3",
+            "--temperature", "500", "--timestep", "0.5", "--time", "60fs", "--frame-interval", "20",
+            "--no-progress", *extra]
+
+
+def test_simulate_writes_trajectories_log_and_summary(pretrained_model, ethanol_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(pretrained_model, ethanol_path, run, "--integrator", "nose-hoover")) == 0
+    printed = capsys.readouterr().out
+    assert "3 replicas of 9 atoms" in printed and "unstable replicas: 0 of 3" in printed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 120 and summary["n_unstable"] == 0
+    assert summary["time_ps"] == pytest.approx(0.06)
+    assert summary["settings"]["integrator"] == "nose-hoover"
+    assert summary["replica_steps_per_second"] > 0
+    for entry in summary["replicas"]:
+        trajectory = mdtraj.load(str(run / entry["trajectory"]), top=str(run / "topology.pdb"))
+        assert trajectory.n_frames == entry["frames"] == 7  # steps 0, 20, ..., 120
+        assert trajectory.n_atoms == 9
+        assert [atom.element.symbol for atom in trajectory.topology.atoms] == ["C", "C", "O"] + ["H"] * 6
+        assert 100 < entry["mean_temperature_K"] < 1500
+    # Frame 0 is the starting frame the data set gave (MDTraj reads nm, DCD stores float32).
+    first = mdtraj.load_frame(str(run / "replica_000.dcd"), 0, top=str(run / "topology.pdb"))
+    from stable_md.data import load_dataset
+
+    np.testing.assert_allclose(first.xyz[0] * 10, load_dataset(ethanol_path).positions[0], atol=1e-4)
+    with open(run / "state.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 7 * 3
+    assert {row["status"] for row in rows} == {"running"}
+    assert [int(row["step"]) for row in rows[::3]] == list(range(0, 121, 20))
+    assert all(float(row["potential_eV"]) < 0 for row in rows)
+
+
+def test_simulate_refuses_to_overwrite_and_names_bad_input(pretrained_model, ethanol_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(pretrained_model, ethanol_path, run)) == 0
+    capsys.readouterr()
+    assert main(_args(pretrained_model, ethanol_path, run)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(_args(pretrained_model, ethanol_path, run, "--overwrite", "--integrator", "verlet")) == 0
+    assert json.loads((run / "summary.json").read_text())["settings"]["integrator"] == "verlet"
+    capsys.readouterr()
+    assert main(_args(pretrained_model, ethanol_path, tmp_path / "r2") + ["--time", "ten"]) == 2
+    assert "cannot read 'ten' as a time" in capsys.readouterr().err
+    water = tmp_path / "water.xyz"
+    water.write_text("3\n\nO 0 0 0\nH 0.96 0 0\nS 0 0.96 0\n")
+    assert main(["simulate", str(pretrained_model), "--structure", str(water), "-o", str(tmp_path / "r3"),
+                 "--no-progress"]) == 2
+    assert "not trained on: atomic numbers [16]" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "none.pt"), "--structure", str(water), "-o", str(tmp_path / "r4"),
+                 "--no-progress"]) == 2
+    assert "none.pt does not exist" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_path, tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    long = ["--time", "1ps", "--integrator", "langevin"]
+    assert main(_args(pretrained_model, ethanol_path, reference, *long)) == 0
+    command = [sys.executable, "-m", "stable_md.cli", *_args(pretrained_model, ethanol_path, resumed, *long)]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = resumed / "state.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 1 + 3 * 15:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "summary.json").exists(), "the run should have died mid-way"
+
+    assert main(_args(pretrained_model, ethanol_path, resumed, *long, "--resume")) == 0
+    assert (resumed / "state.csv").read_text() == (reference / "state.csv").read_text()
+    for replica in range(3):
+        name = f"replica_{replica:03d}.dcd"
+        a = mdtraj.load(str(reference / name), top=str(reference / "topology.pdb"))
+        b = mdtraj.load(str(resumed / name), top=str(resumed / "topology.pdb"))
+        assert a.n_frames == b.n_frames == 101
+        np.testing.assert_array_equal(a.xyz, b.xyz)
+
+    # A finished run can be extended with a longer --time.
+    assert main(_args(pretrained_model, ethanol_path, resumed, "--integrator", "langevin", "--time", "1.1ps",
+                      "--resume")) == 0
+    assert json.loads((resumed / "summary.json").read_text())["steps"] == 2200
+    # Changing what the run is about is refused.
+    assert main(_args(pretrained_model, ethanol_path, resumed, "--integrator", "verlet", "--time", "1.2ps",
+                      "--resume")) == 2
