@@ -11,6 +11,7 @@ pickles into OpenMM's XML (see :mod:`openmm_bridge.serialization`).
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 from pathlib import Path
@@ -189,7 +190,26 @@ def _import_openmmtorch():
             f"the TorchForce backend needs the openmmtorch package built for this torch ({torch.__version__}): "
             f"{error}. Use the default PythonForce backend, or `make test-openmmtorch` for a matching environment"
         ) from error
+    _reload_torch_plugins()
     return openmmtorch
+
+
+def _reload_torch_plugins() -> None:
+    """Load openmm-torch's platform plugins if OpenMM tried before torch's libraries were loaded.
+
+    ``import openmm`` loads every plugin at once; when that happens before ``import torch``
+    the Torch plugins fail (libtorch's dependencies are not yet in the process) and a
+    TorchForce then has no kernels. Loading them again now succeeds.
+    """
+    failures = openmm.Platform.getPluginLoadFailures()
+    if not any("libOpenMMTorch" in failure for failure in failures):
+        return
+    plugin_folder = os.path.join(openmm.version.openmm_library_path, "plugins")
+    for library in sorted(glob.glob(os.path.join(plugin_folder, "libOpenMMTorch*"))):
+        try:
+            openmm.Platform.loadPluginLibrary(library)
+        except Exception:  # e.g. the OpenCL variant without libOpenCL; the others still load
+            pass
 
 
 def make_force(callback: ModelCallback, backend: str = "python") -> openmm.Force:
@@ -198,8 +218,9 @@ def make_force(callback: ModelCallback, backend: str = "python") -> openmm.Force
     ``backend="python"`` gives ``openmm.PythonForce(callback)``; ``"torch"`` gives an
     ``openmmtorch.TorchForce`` of the model exported in OpenMM units (forces computed
     inside the exported module). The TorchForce path does not shield replicas from
-    non-finite values; :class:`openmm_bridge.replicas.ReplicaSet` then catches them from
-    the positions instead.
+    non-finite values (:class:`openmm_bridge.replicas.ReplicaSet` then catches them from
+    the positions instead), and it holds a copy of the model made when the force is built:
+    parameters trained afterwards reach it only through a new force.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown force backend {backend!r}; expected one of {list(BACKENDS)}")

@@ -77,8 +77,8 @@ class ReplicaSet:
     ----------
     model:
         Model file path, loaded :class:`ModelFile`, or Potential-like module. A module
-        can be trained between calls to :meth:`run`: the force always uses its current
-        parameters.
+        can be trained between calls to :meth:`run`: the PythonForce always uses its
+        current parameters (a TorchForce holds a copy made when the set is built).
     numbers:
         Atomic numbers ``[N]``.
     positions:

@@ -225,10 +225,6 @@ ORDER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "openmm imported before torch: libOpenMMTorchReference.so fails to load (libnvrtc.so.12 not found), so "
-    "TorchForce has no kernels ('does not support all required kernels'); openmm_bridge.forces."
-    "_import_openmmtorch should reload the Torch plugins with openmm.Platform.loadPluginLibrary"))
 def test_import_order_openmm_first(tmp_path):
     """A fresh program that imports openmm_bridge (so openmm before torch) and asks for the torch backend."""
     result = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, str(tmp_path / "water.pt")],
