@@ -19,6 +19,7 @@ replicas start from one RDKit aspirin geometry with different velocities.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def ase_loop_rate(model_path: Path, atoms, n_replicas: int, steps: int) -> float
     from ase import units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
 
     from stable_md.calculator import StableCalculator
 
@@ -69,7 +70,7 @@ def ase_loop_rate(model_path: Path, atoms, n_replicas: int, steps: int) -> float
         copy = atoms.copy()
         copy.calc = StableCalculator(model_path)
         copy.set_constraint(FixCom())
-        MaxwellBoltzmannDistribution(copy, temperature_K=500, rng=np.random.default_rng(replica))
+        thermalize_momenta(copy, temperature_K=500, rng=np.random.default_rng(replica))
         dynamics.append(Langevin(copy, 0.5 * units.fs, temperature_K=500, friction=0.01, fixcm=False,
                                  rng=np.random.default_rng(replica)))
     for md in dynamics:
@@ -83,6 +84,10 @@ def ase_loop_rate(model_path: Path, atoms, n_replicas: int, steps: int) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="ani", choices=["schnet", "ani", "nequip", "mace"])
+    parser.add_argument("--hyper", action="append", default=[], metavar="NAME=VALUE",
+                        help="architecture hyperparameter (JSON value), repeatable; e.g. a smaller model: "
+                             "--arch schnet --hyper hidden_channels=16 --hyper num_filters=16 "
+                             "--hyper num_interactions=2 --hyper num_gaussians=8")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--steps", type=int, default=20, help="MD steps timed per R (default: 20)")
     parser.add_argument("--ase-steps", type=int, default=5, help="ASE steps timed per replica (default: 5)")
@@ -90,11 +95,13 @@ def main() -> None:
     torch.set_num_threads(1)
     atoms = molecule_from_smiles(ASPIRIN, seed=0)
     torch.manual_seed(0)
-    potential, hyper = build_potential(args.arch, sorted(set(atoms.numbers.tolist())))
+    overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.hyper)}
+    potential, hyper = build_potential(args.arch, sorted(set(atoms.numbers.tolist())), **overrides)
     with tempfile.TemporaryDirectory() as folder:
         model_path = save_model(potential, Path(folder) / "aspirin.pt", build_metadata(potential, hyper))
         module = load_model(model_path).module
-        print(f"{args.arch}, {sum(p.numel() for p in module.parameters())} parameters, aspirin "
+        print(f"{args.arch} {json.dumps(overrides) if overrides else '(default size)'}, "
+              f"{sum(p.numel() for p in module.parameters())} parameters, aspirin "
               f"({len(atoms)} atoms), one thread, Langevin 0.5 fs; replica-steps per second")
         header = (f"{'R':>5}{'model only':>12}{'batched':>10}{'per-replica':>13}{'ASE loop':>10}"
                   f"{'batched/model':>15}{'batched/per-replica':>21}{'batched/ASE':>13}")

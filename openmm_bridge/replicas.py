@@ -68,6 +68,7 @@ class ReplicaSnapshot:
     unstable_step: np.ndarray
     checkpoints: tuple[bytes, ...] = field(repr=False)
     build: int = 0
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
 class ReplicaSet:
@@ -145,7 +146,8 @@ class ReplicaSet:
         self.unstable = np.zeros(self.n_replicas, dtype=bool)
         # Step at which each replica was found unstable (-1: never).
         self.unstable_step = np.full(self.n_replicas, -1, dtype=np.int64)
-        self.errors: dict[int, str] = {}
+        # Why each unstable replica was stopped (non-finite values, a model error, a criterion's verdict).
+        self.reasons: dict[int, str] = {}
         self.step = 0
         self._engine.build(self.frozen)
         if velocities is None:
@@ -327,7 +329,7 @@ class ReplicaSet:
         return ReplicaSnapshot(step=self.step, positions=positions, velocities=velocities,
                                frozen=self.frozen.copy(), unstable=self.unstable.copy(),
                                unstable_step=self.unstable_step.copy(), checkpoints=self._engine.checkpoint(),
-                               build=self._engine.builds)
+                               build=self._engine.builds, reasons=dict(self.reasons))
 
     def restore(self, snapshot: ReplicaSnapshot, replicas: Optional[Iterable[int]] = None) -> None:
         """Put ``replicas`` (default: all) back to ``snapshot``.
@@ -346,6 +348,7 @@ class ReplicaSet:
             self.frozen = snapshot.frozen.copy()
             self.unstable = snapshot.unstable.copy()
             self.unstable_step = snapshot.unstable_step.copy()
+            self.reasons = dict(snapshot.reasons)
             self.step = snapshot.step
             self._engine.clear_nonfinite()
             return
@@ -356,6 +359,10 @@ class ReplicaSet:
         self._set_frozen(frozen)
         self.unstable[chosen] = snapshot.unstable[chosen]
         self.unstable_step[chosen] = snapshot.unstable_step[chosen]
+        for replica in chosen:
+            self.reasons.pop(int(replica), None)
+            if int(replica) in snapshot.reasons:
+                self.reasons[int(replica)] = snapshot.reasons[int(replica)]
         if isinstance(self._engine, PerReplicaEngine):
             self._engine.load(snapshot.checkpoints, self.frozen, self._engine.builds, replicas=chosen)
         else:
@@ -411,11 +418,10 @@ class ReplicaSet:
         self._engine.clear_nonfinite()
         if not bad.any():
             return
-        if isinstance(self._engine, PerReplicaEngine):
-            for replica in np.flatnonzero(bad):
-                error = self._engine.errors[replica]
-                if error is not None:
-                    self.errors[int(replica)] = f"{type(error).__name__}: {error}"
+        for replica in np.flatnonzero(bad):
+            error = self._engine.errors[replica] if isinstance(self._engine, PerReplicaEngine) else None
+            self.reasons[int(replica)] = ("non-finite energy, forces or positions" if error is None
+                                          else f"{type(error).__name__}: {error}")
         # A replica that produced non-finite numbers is put back to its last finite state and frozen.
         positions[bad] = start_positions[bad]
         velocities[bad] = 0.0
@@ -423,6 +429,22 @@ class ReplicaSet:
         self.unstable |= bad
         self.unstable_step[bad] = self.step
         self._set_frozen(self.frozen | bad)
+
+    def mark_unstable(self, replicas: Iterable[int], reasons: Optional[Sequence[str]] = None) -> None:
+        """Record ``replicas`` as unstable now (a stability criterion's verdict) and freeze them.
+
+        ``reasons`` gives one message per replica, kept in :attr:`reasons`.
+        """
+        chosen = self._indices(replicas)
+        if reasons is not None and len(reasons) != len(chosen):
+            raise ValueError(f"{len(chosen)} replicas but {len(reasons)} reasons")
+        for k, replica in enumerate(chosen):
+            if self.unstable[replica]:
+                continue
+            self.unstable[replica] = True
+            self.unstable_step[replica] = self.step
+            self.reasons[int(replica)] = "marked unstable" if reasons is None else str(reasons[k])
+        self.freeze(chosen)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _indices(self, replicas: Optional[Iterable[int]]) -> np.ndarray:

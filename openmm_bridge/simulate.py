@@ -21,6 +21,7 @@ from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, TrajectoryWriter, truncate_dcd,
                                      truncate_state_log, write_topology)
 from stable_md.potentials.model_file import atomic_write
+from stable_md.stability import EVALUATION_THRESHOLD, BondLengthCriterion, detect_bonds
 from stable_md.units import PS_IN_FS
 
 SETTINGS_NAME = "settings.json"
@@ -28,7 +29,9 @@ SUMMARY_NAME = "summary.json"
 CHECKPOINT_NAME = "checkpoint.npz"
 # Settings that must agree between a run and its resumption.
 RESUME_KEYS = ("model", "n_replicas", "numbers", "integrator", "temperature", "timestep", "friction",
-               "collision_frequency", "seed", "frame_interval", "mode", "backend", "periodic")
+               "collision_frequency", "seed", "frame_interval", "mode", "backend", "periodic", "stability",
+               "bond_threshold")
+STABILITY_CRITERIA = ("bond", "none")
 
 
 @dataclass
@@ -50,6 +53,8 @@ class SimulationSettings:
     backend: str = "python"
     platform: str = "CPU"
     periodic: bool = False
+    stability: str = "bond"
+    bond_threshold: float = EVALUATION_THRESHOLD
 
     @property
     def n_steps(self) -> int:
@@ -81,9 +86,24 @@ def prepare_directory(directory: Path, n_replicas: int, overwrite: bool, resume:
 
 def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: str | os.PathLike,
                    cell: Optional[np.ndarray] = None, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, device: str = "cpu") -> dict:
-    """Run the replicas from ``starts`` [R, N, 3] Å and write the run directory; returns the summary."""
+                   progress: bool = True, device: str = "cpu",
+                   reference_positions: Optional[np.ndarray] = None) -> dict:
+    """Run the replicas from ``starts`` [R, N, 3] Å and write the run directory; returns the summary.
+
+    With ``settings.stability == "bond"``, bonds and their reference lengths come from
+    ``reference_positions`` [F, N, 3] Å (default: the starting frames); at every frame a
+    replica whose bond lengths deviate by more than ``settings.bond_threshold`` Å is
+    marked unstable and frozen (its trajectory ends with that frame).
+    """
     directory = Path(directory)
+    if settings.stability not in STABILITY_CRITERIA:
+        raise ValueError(f"unknown stability criterion {settings.stability!r}; expected one of "
+                         f"{list(STABILITY_CRITERIA)}")
+    criterion = None
+    if settings.stability == "bond":
+        reference = starts if reference_positions is None else reference_positions
+        criterion = BondLengthCriterion(detect_bonds(np.asarray(settings.numbers), reference, cell),
+                                        settings.bond_threshold, cell)
     prepare_directory(directory, settings.n_replicas, overwrite, resume)
     record = asdict(settings)
     if resume:
@@ -114,6 +134,11 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
 
     def report(frames) -> None:
         trajectories.write(frames.positions, frames.running)
+        if criterion is not None:
+            broken = np.flatnonzero(criterion(frames.positions) & frames.running)
+            if len(broken):
+                reasons = criterion.reasons(frames.positions[broken])
+                replicas.mark_unstable(broken, reasons)
         state_log.write(frames, _status(replicas))
         measured = np.isfinite(frames.temperature)
         temperature_sum[measured] += frames.temperature[measured]
@@ -165,8 +190,8 @@ def _summary(settings: SimulationSettings, replicas: ReplicaSet, trajectories: T
                                    if temperature_count[r] else None),
             "trajectory": trajectories.paths[r].name,
         }
-        if r in replicas.errors:
-            entry["error"] = replicas.errors[r]
+        if r in replicas.reasons:
+            entry["reason"] = replicas.reasons[r]
         per_replica.append(entry)
     simulated_ns = replica_steps * settings.timestep * 1e-6
     return {
@@ -220,6 +245,7 @@ def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.n
         "build": np.array(snapshot.build), "frames_written": frames_written,
         "temperature_sum": temperature_sum, "temperature_count": temperature_count,
         "wall_seconds": np.array(wall_seconds), "n_checkpoints": np.array(len(snapshot.checkpoints)),
+        "reasons": np.array(json.dumps({str(k): v for k, v in snapshot.reasons.items()})),
     }
     for index, blob in enumerate(snapshot.checkpoints):
         arrays[f"checkpoint_{index}"] = np.frombuffer(blob, dtype=np.uint8)
@@ -237,7 +263,8 @@ def _load_checkpoint(path: Path) -> dict:
         snapshot = ReplicaSnapshot(step=int(data["step"]), positions=data["positions"],
                                    velocities=data["velocities"], frozen=data["frozen"], unstable=data["unstable"],
                                    unstable_step=data["unstable_step"], checkpoints=checkpoints,
-                                   build=int(data["build"]))
+                                   build=int(data["build"]),
+                                   reasons={int(k): v for k, v in json.loads(str(data["reasons"])).items()})
         return {"snapshot": snapshot, "frames_written": data["frames_written"],
                 "temperature_sum": data["temperature_sum"].copy(),
                 "temperature_count": data["temperature_count"].copy(),

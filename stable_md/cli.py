@@ -126,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
                    help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
     p.add_argument("--frame-interval", type=_positive_int, default=100,
-                   help="steps between trajectory frames and state-log rows (default: 100)")
+                   help="steps between trajectory frames, state-log rows and stability checks (default: 100)")
+    p.add_argument("--stability", choices=["bond", "none"], default="bond",
+                   help="bond: stop a replica whose bond lengths deviate from the reference frames' by more "
+                        "than --bond-threshold (default); none: stop only on non-finite values")
+    p.add_argument("--bond-threshold", type=_positive_float, default=0.5,
+                   help="largest bond-length deviation in Å before a replica counts as unstable (default: 0.5, "
+                        "the paper's evaluation threshold)")
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise (default: 0)")
     p.add_argument("--mode", choices=["batched", "per-replica"], default="batched",
                    help="batched: all replicas in one Context, evaluated as one batch (default); "
@@ -240,7 +246,7 @@ def _simulate(args: argparse.Namespace) -> int:
     total_time = parse_time_fs(args.time)
     if total_time < args.timestep:
         raise ValueError(f"--time {args.time} is shorter than one --timestep ({args.timestep} fs)")
-    numbers, starts, cell, source = starting_frames(
+    numbers, starts, cell, source, reference = starting_frames(
         structure=args.structure, data=args.data, n_replicas=args.replicas,
         energy_key=args.energy_key, forces_key=args.forces_key)
     settings = SimulationSettings(
@@ -248,12 +254,13 @@ def _simulate(args: argparse.Namespace) -> int:
         integrator=args.integrator, temperature=args.temperature, timestep=args.timestep, total_time=total_time,
         friction=args.friction, collision_frequency=args.collision_frequency, seed=args.seed,
         frame_interval=args.frame_interval, mode=args.mode, backend=args.force, platform=args.platform,
-        periodic=cell is not None)
+        periodic=cell is not None, stability=args.stability, bond_threshold=args.bond_threshold)
     print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
           f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
           f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {args.platform}")
     summary = run_simulation(settings, starts, args.output, cell=cell, overwrite=args.overwrite,
-                             resume=args.resume, progress=not args.no_progress, device=args.device)
+                             resume=args.resume, progress=not args.no_progress, device=args.device,
+                             reference_positions=reference)
     rate = summary["replica_steps_per_second"]
     print(f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
           f"({rate:.1f} replica-steps/s, {summary['ns_per_day_all_replicas']:.3f} ns/day over all replicas)")
@@ -261,7 +268,7 @@ def _simulate(args: argparse.Namespace) -> int:
     for entry in summary["replicas"]:
         if entry["status"] == "unstable":
             print(f"  replica {entry['replica']}: unstable at {entry['unstable_at_ps']:.3f} ps"
-                  + (f" ({entry['error']})" if "error" in entry else ""))
+                  + (f" ({entry['reason']})" if "reason" in entry else ""))
     output = Path(args.output)
     print(f"wrote {output}/replica_*.dcd with {output}/topology.pdb (mdtraj.load(dcd, top=pdb)), "
           f"{output}/state.csv, {output}/summary.json")

@@ -52,8 +52,9 @@ def spread_indices(n_frames: int, n_replicas: int) -> np.ndarray:
 
 def starting_frames(structure: Optional[str] = None, data: Optional[str] = None, n_replicas: int = 1,
                     energy_key: str = "energy", forces_key: str = "forces"
-                    ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], str]:
-    """Numbers, starting positions ``[R, N, 3]`` Å, the box (Å, or None) and a description of the source.
+                    ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], str, np.ndarray]:
+    """Numbers, starting positions ``[R, N, 3]`` Å, the box (Å, or None), a description of the source,
+    and up to 1000 frames spread over the file as reference frames ``[F, N, 3]`` (bond detection).
 
     Exactly one of ``structure`` (any ASE-readable file) and ``data`` (a data set file)
     is given. Replicas start from frames spread evenly over the file. All chosen
@@ -77,4 +78,5 @@ def starting_frames(structure: Optional[str] = None, data: Optional[str] = None,
                             f"volume, so start them from frames with one box")
         cell = boxes[0]
     frames_text = f"{len(np.unique(chosen))} of {len(positions)} frames"
-    return numbers, positions[chosen], cell, f"{source} ({frames_text})"
+    reference = positions[spread_indices(len(positions), min(len(positions), 1000))]
+    return numbers, positions[chosen], cell, f"{source} ({frames_text})", reference

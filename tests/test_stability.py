@@ -1,0 +1,72 @@
+"""Bond detection and the bond-length instability criterion, alone and inside `stable-md simulate`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from openmm_bridge.replicas import ReplicaSet
+from stable_md.cli import main
+from stable_md.stability import BondLengthCriterion, detect_bonds, pair_distances
+
+
+def test_ethanol_bonds_are_the_chemical_ones(ethanol):
+    bonds = detect_bonds(ethanol.numbers, ethanol.positions[::5])
+    labels = sorted(bonds.describe(b) for b in range(len(bonds.pairs)))
+    # ethanol as stored: C1 C2 O3 H4..H9; H4-H6 on C1, H7-H8 on C2, H9 on O3. No 1-3 pairs.
+    assert labels == sorted(["C1-C2", "C1-H4", "C1-H5", "C1-H6", "C2-O3", "C2-H7", "C2-H8", "O3-H9"])
+    np.testing.assert_allclose(bonds.reference_lengths,
+                               pair_distances(ethanol.positions[::5], bonds.pairs).mean(axis=0))
+
+
+def test_criterion_flags_a_stretched_bond_and_names_it(ethanol):
+    bonds = detect_bonds(ethanol.numbers, ethanol.positions)
+    criterion = BondLengthCriterion(bonds, threshold=0.5)
+    frames = np.repeat(ethanol.positions[:1], 3, axis=0).copy()
+    direction = frames[0, 8] - frames[0, 2]
+    direction /= np.linalg.norm(direction)
+    frames[1, 8] += 0.45 * direction  # O-H stretched but within 0.5 Å of its mean length
+    frames[2, 8] += 0.80 * direction
+    assert criterion(frames).tolist() == [False, False, True]
+    reason = criterion.reasons(frames[2:])[0]
+    assert reason.startswith("bond O3-H9 off by ") and reason.endswith(" Å")
+    assert float(reason.split()[-2]) == pytest.approx(0.8, abs=0.05)  # frame 0 is not exactly at the mean
+    with pytest.raises(ValueError, match="no bonds"):
+        BondLengthCriterion(detect_bonds([1, 1], np.array([[0, 0, 0], [5.0, 0, 0]])))
+
+
+def test_bonds_across_a_periodic_boundary():
+    cell = np.eye(3) * 10.0
+    water = np.array([[9.9, 5.0, 5.0], [0.85, 5.0, 5.0], [9.6, 5.9, 5.0]])  # O near x=10, one H wrapped to x~0.85
+    bonds = detect_bonds([8, 1, 1], water, cell)
+    assert len(bonds.pairs) == 2
+    np.testing.assert_allclose(sorted(bonds.reference_lengths), [np.hypot(0.3, 0.9), 0.95], atol=1e-9)
+    assert len(detect_bonds([8, 1, 1], water).pairs) == 1  # without the box the wrapped H looks far away
+
+
+def test_mark_unstable_freezes_and_survives_rewind(pretrained_model, ethanol):
+    replicas = ReplicaSet(pretrained_model, ethanol.numbers, ethanol.positions[[0, 10, 20]], seed=0)
+    replicas.run(20)
+    before = replicas.snapshot()
+    replicas.mark_unstable([1], ["bond C1-C2 off by 0.7 Å"])
+    assert replicas.unstable.tolist() == [False, True, False] and replicas.frozen[1]
+    assert replicas.unstable_step[1] == 20 and replicas.reasons == {1: "bond C1-C2 off by 0.7 Å"}
+    replicas.restore(before)
+    assert not replicas.unstable.any() and replicas.reasons == {}
+
+
+def test_simulate_stops_replicas_that_break_a_bond(pretrained_model, ethanol_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["simulate", str(pretrained_model), "--data", str(ethanol_path), "-o", str(run), "--replicas", "2",
+            "--time", "50fs", "--frame-interval", "10", "--no-progress", "--bond-threshold", "0.02"]
+    assert main(args) == 0
+    assert "unstable replicas: 2 of 2" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert not summary["completed"] and summary["n_unstable"] == 2
+    for entry in summary["replicas"]:
+        assert entry["status"] == "unstable" and "off by" in entry["reason"]
+        assert entry["frames"] >= 1
+    # The default 0.5 Å threshold keeps this model's replicas running over the same time.
+    assert main(args[:-2] + ["--overwrite"]) == 0
+    assert json.loads((run / "summary.json").read_text())["n_unstable"] == 0
