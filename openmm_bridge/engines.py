@@ -55,7 +55,7 @@ class _Engine:
         self.device = device
         self.builds = 0
 
-    def _new_system(self, n_copies: int, masses: np.ndarray) -> openmm.System:
+    def _new_system(self, masses: np.ndarray) -> openmm.System:
         system = openmm.System()
         for mass in masses.reshape(-1):
             system.addParticle(float(mass))
@@ -77,7 +77,6 @@ class BatchedEngine(_Engine):
                                       device=self.device)
         self.frozen = np.zeros(self.n_replicas, dtype=bool)
         self.context: Optional[openmm.Context] = None
-        self._buffer = np.empty((self.n_replicas * self.n_atoms, 3))
 
     def build(self, frozen: np.ndarray, salt: Optional[int] = None) -> None:
         """(Re)create System, integrator and Context for the frozen mask ``frozen`` [R]; state is not kept."""
@@ -85,7 +84,7 @@ class BatchedEngine(_Engine):
         self.builds = self.builds + 1 if salt is None else salt
         masses = np.repeat(self.masses[None, :], self.n_replicas, axis=0)
         masses[self.frozen] = 0.0
-        self.system = self._new_system(self.n_replicas, masses)
+        self.system = self._new_system(masses)
         self.force = make_force(self.callback, self.backend)
         self.system.addForce(self.force)
         groups = [range(r * self.n_atoms, (r + 1) * self.n_atoms) for r in np.flatnonzero(~self.frozen)]
@@ -145,7 +144,7 @@ class PerReplicaEngine(_Engine):
         self.builds = self.builds + 1 if salt is None else salt
         self.contexts, self.integrators = [], []
         for replica, callback in enumerate(self.callbacks):
-            system = self._new_system(1, self.masses)
+            system = self._new_system(self.masses)
             system.addForce(make_force(callback, self.backend))
             # Each replica its own random stream: replica index and build count both salt the seed.
             integrator = build_integrator(self.settings, [range(self.n_atoms)],
@@ -177,11 +176,6 @@ class PerReplicaEngine(_Engine):
         for replica, context in enumerate(self.contexts):
             context.setPositions(positions[replica])
             context.setVelocities(velocities[replica])
-
-    def write_replicas(self, replicas: np.ndarray, positions: np.ndarray, velocities: np.ndarray) -> None:
-        for replica in replicas:
-            self.contexts[replica].setPositions(positions[replica])
-            self.contexts[replica].setVelocities(velocities[replica])
 
     def checkpoint(self) -> tuple[bytes, ...]:
         return tuple(context.createCheckpoint() for context in self.contexts)

@@ -405,7 +405,7 @@ class ReplicaSet:
         start_positions, start_velocities = self._engine.read()
         try:
             self._engine.step(n_steps)
-        except openmm.OpenMMException as error:
+        except openmm.OpenMMException:
             original = self._engine.last_error()
             if original is not None:
                 raise original
