@@ -25,7 +25,7 @@ from ase.data import atomic_masses
 from torch import nn
 
 from openmm_bridge.engines import BatchedEngine, PerReplicaEngine
-from openmm_bridge.forces import BACKENDS
+from openmm_bridge.forces import BACKENDS, ModelCallback
 from openmm_bridge.integrators import IntegratorSettings, openmm_seed
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.units import (ANGSTROM_PER_FS_IN_NM_PER_PS, KB_EV_PER_K, KB_KJ_PER_MOL_K, KJ_PER_MOL_IN_EV,
@@ -142,6 +142,9 @@ class ReplicaSet:
         engine_class = BatchedEngine if mode == "batched" else PerReplicaEngine
         self._engine = engine_class(self.model, self.numbers, self.masses, self.n_replicas, box_nm, self.settings,
                                     backend, platform, device)
+        # Energies for reports come from their own batched evaluator, whatever the force backend.
+        self._energy_evaluator = ModelCallback(self.model, self.numbers, self.n_replicas,
+                                               periodic=self.cell is not None, device=device)
         self.frozen = np.zeros(self.n_replicas, dtype=bool)
         self.unstable = np.zeros(self.n_replicas, dtype=bool)
         # Step at which each replica was found unstable (-1: never).
@@ -152,7 +155,7 @@ class ReplicaSet:
         self._engine.build(self.frozen)
         if velocities is None:
             velocities = self.maxwell_boltzmann(self.settings.temperature, self.settings.seed)
-        self._write(start, self._checked_array(velocities, "velocities"))
+        self._write(start, _finite(velocities, (self.n_replicas, self.n_atoms, 3), "velocities"))
 
     # -- construction helpers ---------------------------------------------------------------------
     def _check_species(self) -> None:
@@ -178,14 +181,6 @@ class ReplicaSet:
         if not np.isfinite(positions).all():
             raise ValueError("starting positions contain NaN or infinite values")
         return positions
-
-    def _checked_array(self, values: np.ndarray, name: str) -> np.ndarray:
-        values = np.asarray(values, dtype=np.float64)
-        if values.shape != (self.n_replicas, self.n_atoms, 3):
-            raise ValueError(f"{name} must have shape {(self.n_replicas, self.n_atoms, 3)}, got {values.shape}")
-        if not np.isfinite(values).all():
-            raise ValueError(f"{name} contain NaN or infinite values")
-        return values
 
     def _masses(self, masses: Optional[Sequence[float]]) -> np.ndarray:
         if masses is None:
@@ -255,24 +250,12 @@ class ReplicaSet:
     def potential_energies(self, positions: Optional[np.ndarray] = None) -> np.ndarray:
         """[R] potential energy in eV of running replicas (NaN for frozen ones), evaluated as one batch."""
         positions = self.positions() if positions is None else positions
-        callback = self._energy_callback()
-        saved_active, saved_nonfinite = callback.active.copy(), callback.nonfinite.copy()
+        callback = self._energy_evaluator
         callback.active[:] = ~self.frozen
         callback.nonfinite[:] = False
-        try:
-            box = None if self.cell is None else self.cell / NM_IN_ANGSTROM
-            callback.compute(positions.reshape(-1, 3) / NM_IN_ANGSTROM, box)
-            return callback.energies_eV.copy()
-        finally:
-            callback.active[:], callback.nonfinite[:] = saved_active, saved_nonfinite
-
-    def _energy_callback(self):
-        if not hasattr(self, "_energy_evaluator"):
-            from openmm_bridge.forces import ModelCallback
-
-            self._energy_evaluator = ModelCallback(self.model, self.numbers, self.n_replicas,
-                                                   periodic=self.cell is not None, device=self._engine.device)
-        return self._energy_evaluator
+        box = None if self.cell is None else self.cell / NM_IN_ANGSTROM
+        callback.compute(positions.reshape(-1, 3) / NM_IN_ANGSTROM, box)
+        return callback.energies_eV.copy()
 
     def kinetic_energies(self, velocities: Optional[np.ndarray] = None) -> np.ndarray:
         """[R] total kinetic energy in eV."""

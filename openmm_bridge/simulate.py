@@ -61,15 +61,16 @@ class SimulationSettings:
         return int(round(self.total_time / self.timestep))
 
 
-def output_files(directory: Path, n_replicas: int) -> list[Path]:
-    """Every file a run writes into ``directory``."""
+def output_files(directory: Path) -> list[Path]:
+    """The files of a run already in ``directory`` (any number of replicas)."""
     names = [TOPOLOGY_NAME, STATE_LOG_NAME, SETTINGS_NAME, SUMMARY_NAME, CHECKPOINT_NAME]
-    return [directory / name for name in names] + [directory / f"replica_{r:03d}.dcd" for r in range(n_replicas)]
+    fixed = [directory / name for name in names if (directory / name).exists()]
+    return fixed + sorted(directory.glob("replica_*.dcd"))
 
 
-def prepare_directory(directory: Path, n_replicas: int, overwrite: bool, resume: bool) -> None:
+def prepare_directory(directory: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber an earlier run unless asked; ``overwrite`` deletes only files a run writes."""
-    existing = [path for path in output_files(directory, n_replicas) if path.exists()]
+    existing = output_files(directory)
     if resume:
         if not (directory / CHECKPOINT_NAME).exists():
             raise FileNotFoundError(f"cannot resume: {directory / CHECKPOINT_NAME} does not exist")
@@ -79,8 +80,6 @@ def prepare_directory(directory: Path, n_replicas: int, overwrite: bool, resume:
                               f"replace it or --resume to continue it")
     for path in existing:
         path.unlink()
-    for stale in directory.glob("replica_*.dcd") if overwrite else []:
-        stale.unlink()
     directory.mkdir(parents=True, exist_ok=True)
 
 
@@ -104,7 +103,7 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
         reference = starts if reference_positions is None else reference_positions
         criterion = BondLengthCriterion(detect_bonds(np.asarray(settings.numbers), reference, cell),
                                         settings.bond_threshold, cell)
-    prepare_directory(directory, settings.n_replicas, overwrite, resume)
+    prepare_directory(directory, overwrite, resume)
     record = asdict(settings)
     if resume:
         _check_same_run(directory, record)
