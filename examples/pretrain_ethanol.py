@@ -1,4 +1,4 @@
-"""Pretrain a SchNet on the bundled ethanol GFN2-xTB set, then run it in ASE.
+"""Pretrain a SchNet on the bundled ethanol GFN2-xTB set, then run it in ASE and as OpenMM replicas.
 
 Run with ``make demo`` or ``python examples/pretrain_ethanol.py [--arch ani] [--epochs 60]``.
 Writes into ``demo_output/`` (replaced on every run). Takes a few minutes on one CPU core.
@@ -32,17 +32,17 @@ def main() -> int:
     out.mkdir(parents=True)
     model = out / f"ethanol_{args.arch}.pt"
 
-    banner(f"1/3  stable-md pretrain: {args.arch} on 400 ethanol frames (GFN2-xTB, 500 K)")
+    banner(f"1/4  stable-md pretrain: {args.arch} on 400 ethanol frames (GFN2-xTB, 500 K)")
     command = ["stable-md", "pretrain", "--arch", args.arch, "--data", str(DATA), "-o", str(model),
                "--n-train", "400", "--n-val", "50", "--n-test", "50", "--epochs", str(args.epochs),
                "--lr", "2e-3", "--batch-size", "8"]
     print("$ " + " ".join(command), flush=True)
     subprocess.run([sys.executable, "-m", "stable_md.cli"] + command[1:], check=True)
 
-    banner("2/3  stable-md info")
+    banner("2/4  stable-md info")
     subprocess.run([sys.executable, "-m", "stable_md.cli", "info", str(model)], check=True)
 
-    banner("3/3  the model in an ASE script: 1 ps of Langevin MD at 500 K with StableCalculator")
+    banner("3/4  the model in an ASE script: 1 ps of Langevin MD at 500 K with StableCalculator")
     import numpy as np
     from ase import units
     from ase.io import Trajectory
@@ -75,6 +75,13 @@ def main() -> int:
           f"mean temperature {np.mean(temperatures[10:]):.0f} K; "
           f"shortest/longest interatomic distance at the end {distances.min():.2f}/{distances.max():.2f} Å")
     print(f"trajectory: {out / 'md.traj'}  (ase gui {out / 'md.traj'})")
+
+    banner("4/4  stable-md simulate: 16 replicas in one OpenMM Context, Nose-Hoover at 500 K, 1 ps")
+    command = ["stable-md", "simulate", str(model), "--data", str(DATA), "--replicas", "16", "--temperature",
+               "500", "--timestep", "0.5", "--time", "1ps", "--integrator", "nose-hoover", "-o",
+               str(out / "replicas")]
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run([sys.executable, "-m", "stable_md.cli"] + command[1:], check=True)
     return 0
 
 
