@@ -224,10 +224,10 @@ def _load_md17(path: Path, units: str) -> Dataset:
                    forces=forces * factor, source=str(path))
 
 
-def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: str | slice) -> Dataset:
+def read_ase_frames(path: Path, index: str | slice = ":", noun: str = "frames") -> list:
+    """Every ``ase.Atoms`` of ``path`` at ``index``; :class:`DataError` naming the file if none can be read."""
     from ase.io import read
 
-    factor = energy_factor(units)
     try:
         frames = read(str(path), index=index)
     except Exception as error:  # ASE raises many types for unreadable files
@@ -235,7 +235,13 @@ def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: s
     if not isinstance(frames, list):
         frames = [frames]
     if not frames:
-        raise DataError(f"{path}: contains no frames")
+        raise DataError(f"{path}: contains no {noun}")
+    return frames
+
+
+def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: str | slice) -> Dataset:
+    factor = energy_factor(units)
+    frames = read_ase_frames(path, index)
     first = frames[0]
     numbers = first.numbers.copy()
     periodic = _periodicity(path, first, 0)

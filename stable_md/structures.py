@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from stable_md.data import DataError, _periodicity, load_dataset
+from stable_md.data import DataError, _periodicity, load_dataset, read_ase_frames
 
 
 def read_structures(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
@@ -15,19 +15,10 @@ def read_structures(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Op
 
     No energies or forces are needed. Every frame must hold the same atoms in the same order.
     """
-    from ase.io import read
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"structure file {path} does not exist")
-    try:
-        frames = read(str(path), index=":")
-    except Exception as error:  # ASE raises many types for unreadable files
-        raise DataError(f"{path}: cannot be read by ASE ({type(error).__name__}: {error})") from error
-    if not isinstance(frames, list):
-        frames = [frames]
-    if not frames:
-        raise DataError(f"{path}: contains no structures")
+    frames = read_ase_frames(path, ":", noun="structures")
     numbers = frames[0].numbers.copy()
     periodic = _periodicity(path, frames[0], 0)
     for k, atoms in enumerate(frames):

@@ -70,6 +70,11 @@ def test_simulate_refuses_to_overwrite_and_names_bad_input(pretrained_model, eth
     assert main(["simulate", str(tmp_path / "none.pt"), "--structure", str(water), "-o", str(tmp_path / "r4"),
                  "--no-progress"]) == 2
     assert "none.pt does not exist" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.xyz"
+    garbage.write_text("this is\nnot a structure\n")
+    assert main(["simulate", str(pretrained_model), "--structure", str(garbage), "-o", str(tmp_path / "r5"),
+                 "--no-progress"]) == 2
+    assert "garbage.xyz: cannot be read by ASE" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_path, tmp_path):
