@@ -140,7 +140,10 @@ class ModelCallback:
         total = 0.0
         if len(replicas):
             energies, replica_forces = self._evaluate(frames[replicas], box_nm)
-            good = np.isfinite(energies) & np.isfinite(replica_forces).all(axis=(1, 2))
+            # Forces beyond MAX_FORCE_EV_PER_A move a hydrogen by over an Å per step: the replica is
+            # exploding, and a few steps later the integrator would fail on NaN coordinates.
+            good = (np.isfinite(energies) & np.isfinite(replica_forces).all(axis=(1, 2))
+                    & (np.abs(replica_forces).max(axis=(1, 2), initial=0.0) < MAX_FORCE_EV_PER_A))
             self.nonfinite[replicas[~good]] = True
             replicas, energies, replica_forces = replicas[good], energies[good], replica_forces[good]
             if self.remove_net_force:
@@ -160,6 +163,9 @@ class ModelCallback:
         energy, forces = energy_and_forces(self.model, positions, self._numbers_tensor, cell)
         return (energy.detach().to("cpu", torch.float64).numpy(),
                 forces.detach().to("cpu", torch.float64).numpy())
+
+
+MAX_FORCE_EV_PER_A = 1.0e3
 
 
 def _read_positions(state: openmm.State, out: np.ndarray) -> None:

@@ -15,6 +15,8 @@ unstable and frozen at its last finite state; the others carry on.
 """
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
@@ -25,7 +27,7 @@ from ase.data import atomic_masses
 from torch import nn
 
 from openmm_bridge.engines import BatchedEngine, PerReplicaEngine
-from openmm_bridge.forces import BACKENDS, ModelCallback
+from openmm_bridge.forces import BACKENDS, MAX_FORCE_EV_PER_A, ModelCallback
 from openmm_bridge.integrators import IntegratorSettings, openmm_seed
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.units import (ANGSTROM_PER_FS_IN_NM_PER_PS, KB_EV_PER_K, KB_KJ_PER_MOL_K, KJ_PER_MOL_IN_EV,
@@ -35,6 +37,7 @@ MODES = ("batched", "per-replica")
 # Kinetic energy of 1 amu moving at 1 Å/fs, in eV.
 AMU_ANGSTROM2_PER_FS2_IN_EV = KJ_PER_MOL_IN_EV * ANGSTROM_PER_FS_IN_NM_PER_PS ** 2
 DEFAULT_CHECK_INTERVAL = 50
+NONFINITE_REASON = f"non-finite or exploding energy, forces or positions (|F| > {MAX_FORCE_EV_PER_A:g} eV/Å)"
 
 
 @dataclass
@@ -305,6 +308,22 @@ class ReplicaSet:
             self._engine.frozen = frozen.copy()
         self._write(positions, velocities)
 
+    def reset(self, positions: np.ndarray, velocities: Optional[np.ndarray] = None) -> None:
+        """Start every replica afresh from ``positions`` [R, N, 3] Å (and ``velocities`` Å/fs, default
+        Maxwell-Boltzmann): all running, no instability recorded, thermostat state fresh (the
+        Context is rebuilt), so what follows depends on nothing but the arguments and the seed.
+        The clock keeps counting."""
+        positions = _finite(positions, (self.n_replicas, self.n_atoms, 3), "positions")
+        if velocities is None:
+            velocities = self.maxwell_boltzmann(self.settings.temperature, self.settings.seed + 1 + self.step)
+        velocities = _finite(velocities, (self.n_replicas, self.n_atoms, 3), "velocities")
+        self.unstable[:] = False
+        self.unstable_step[:] = -1
+        self.reasons.clear()
+        self.frozen = np.zeros(self.n_replicas, dtype=bool)
+        self._engine.build(self.frozen)
+        self._write(positions, velocities)
+
     # -- snapshots and rewind --------------------------------------------------------------------------
     def snapshot(self) -> ReplicaSnapshot:
         """The exact current state, including thermostat and random-number state."""
@@ -392,7 +411,19 @@ class ReplicaSet:
             original = self._engine.last_error()
             if original is not None:
                 raise original
-            raise
+            positions, velocities = self._engine.read()
+            bad = ~(np.isfinite(positions).all(axis=(1, 2)) & np.isfinite(velocities).all(axis=(1, 2)))
+            bad &= ~self.frozen
+            if not bad.any():
+                raise
+            # The integrator stopped on NaN coordinates: put every replica back, retire the
+            # exploded ones at their last finite state, and take the steps again.
+            velocities = np.where(bad[:, None, None], 0.0, start_velocities)
+            self._engine.write(start_positions, velocities)
+            self._engine.clear_nonfinite()
+            self._retire(bad)
+            self._advance(n_steps)
+            return
         self.step += n_steps
         positions, velocities = self._engine.read()
         bad = self._engine.nonfinite()
@@ -401,14 +432,18 @@ class ReplicaSet:
         self._engine.clear_nonfinite()
         if not bad.any():
             return
-        for replica in np.flatnonzero(bad):
-            error = self._engine.errors[replica] if isinstance(self._engine, PerReplicaEngine) else None
-            self.reasons[int(replica)] = ("non-finite energy, forces or positions" if error is None
-                                          else f"{type(error).__name__}: {error}")
         # A replica that produced non-finite numbers is put back to its last finite state and frozen.
         positions[bad] = start_positions[bad]
         velocities[bad] = 0.0
         self._engine.write(positions, velocities)
+        self._retire(bad)
+
+    def _retire(self, bad: np.ndarray) -> None:
+        """Record replicas ``bad`` [R] as unstable for non-finite values and freeze them."""
+        for replica in np.flatnonzero(bad):
+            error = self._engine.errors[replica] if isinstance(self._engine, PerReplicaEngine) else None
+            self.reasons[int(replica)] = (NONFINITE_REASON if error is None
+                                          else f"{type(error).__name__}: {error}")
         self.unstable |= bad
         self.unstable_step[bad] = self.step
         self._set_frozen(self.frozen | bad)
@@ -471,3 +506,27 @@ def _reduced_box(cell: np.ndarray) -> np.ndarray:
         raise ValueError("OpenMM needs the box in reduced form: a = (ax, 0, 0), b = (bx, by, 0), c = (cx, cy, cz) "
                          f"with |bx|, |cx| <= ax/2 and |cy| <= by/2; got {cell.tolist()}")
     return cell
+
+
+def snapshot_to_arrays(snapshot: ReplicaSnapshot) -> dict[str, np.ndarray]:
+    """A snapshot as plain numpy arrays (for ``np.savez`` or ``torch.save`` checkpoints)."""
+    arrays = {
+        "step": np.array(snapshot.step), "positions": snapshot.positions, "velocities": snapshot.velocities,
+        "frozen": snapshot.frozen, "unstable": snapshot.unstable, "unstable_step": snapshot.unstable_step,
+        "build": np.array(snapshot.build), "n_checkpoints": np.array(len(snapshot.checkpoints)),
+        "reasons": np.array(json.dumps({str(k): v for k, v in snapshot.reasons.items()})),
+    }
+    for index, blob in enumerate(snapshot.checkpoints):
+        arrays[f"checkpoint_{index}"] = np.frombuffer(blob, dtype=np.uint8)
+    return arrays
+
+
+def snapshot_from_arrays(arrays) -> ReplicaSnapshot:
+    """The inverse of :func:`snapshot_to_arrays` (any mapping of names to arrays)."""
+    checkpoints = tuple(np.asarray(arrays[f"checkpoint_{i}"], dtype=np.uint8).tobytes()
+                        for i in range(int(arrays["n_checkpoints"])))
+    return ReplicaSnapshot(step=int(arrays["step"]), positions=np.asarray(arrays["positions"]),
+                           velocities=np.asarray(arrays["velocities"]), frozen=np.asarray(arrays["frozen"]),
+                           unstable=np.asarray(arrays["unstable"]), unstable_step=np.asarray(arrays["unstable_step"]),
+                           checkpoints=checkpoints, build=int(arrays["build"]),
+                           reasons={int(k): v for k, v in json.loads(str(arrays["reasons"])).items()})

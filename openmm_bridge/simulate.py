@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot
+from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot, snapshot_from_arrays, snapshot_to_arrays
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, TrajectoryWriter, truncate_dcd,
                                      truncate_state_log, write_topology)
 from stable_md.potentials.model_file import atomic_write
@@ -238,16 +238,8 @@ def _check_same_run(directory: Path, record: dict) -> None:
 
 def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.ndarray,
                      temperature_sum: np.ndarray, temperature_count: np.ndarray, wall_seconds: float) -> None:
-    arrays = {
-        "step": np.array(snapshot.step), "positions": snapshot.positions, "velocities": snapshot.velocities,
-        "frozen": snapshot.frozen, "unstable": snapshot.unstable, "unstable_step": snapshot.unstable_step,
-        "build": np.array(snapshot.build), "frames_written": frames_written,
-        "temperature_sum": temperature_sum, "temperature_count": temperature_count,
-        "wall_seconds": np.array(wall_seconds), "n_checkpoints": np.array(len(snapshot.checkpoints)),
-        "reasons": np.array(json.dumps({str(k): v for k, v in snapshot.reasons.items()})),
-    }
-    for index, blob in enumerate(snapshot.checkpoints):
-        arrays[f"checkpoint_{index}"] = np.frombuffer(blob, dtype=np.uint8)
+    arrays = {**snapshot_to_arrays(snapshot), "frames_written": frames_written, "temperature_sum": temperature_sum,
+              "temperature_count": temperature_count, "wall_seconds": np.array(wall_seconds)}
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
@@ -258,14 +250,7 @@ def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.n
 
 def _load_checkpoint(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as data:
-        checkpoints = tuple(data[f"checkpoint_{i}"].tobytes() for i in range(int(data["n_checkpoints"])))
-        snapshot = ReplicaSnapshot(step=int(data["step"]), positions=data["positions"],
-                                   velocities=data["velocities"], frozen=data["frozen"], unstable=data["unstable"],
-                                   unstable_step=data["unstable_step"], checkpoints=checkpoints,
-                                   build=int(data["build"]),
-                                   reasons={int(k): v for k, v in json.loads(str(data["reasons"])).items()})
-        return {"snapshot": snapshot, "frames_written": data["frames_written"],
+        return {"snapshot": snapshot_from_arrays(data), "frames_written": data["frames_written"],
                 "temperature_sum": data["temperature_sum"].copy(),
                 "temperature_count": data["temperature_count"].copy(),
                 "wall_seconds": float(data["wall_seconds"])}
-

@@ -9,3 +9,12 @@ __version__ = "0.1.0"
 from stable_md._threads import limit_threads as _limit_threads
 
 _limit_threads()
+
+
+def __getattr__(name: str):
+    # The Python API without importing OpenMM-facing modules at package import.
+    if name in ("refine", "RefineSettings", "RefineResult"):
+        from stable_md import refinement
+
+        return getattr(refinement, name)
+    raise AttributeError(f"module 'stable_md' has no attribute {name!r}")

@@ -148,7 +148,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
+
+    _add_refine_parser(commands)
     return parser
+
+
+def _add_refine_parser(commands) -> None:
+    from stable_md.observables import OBSERVABLES
+
+    p = commands.add_parser(
+        "refine", help="StABlE training: make a model stable in MD without new QM data",
+        description="StABlE training (Algorithm 1 of the paper): simulate replicas of the model, catch the ones "
+                    "that become unstable, rewind them, and fine-tune the model so that its simulations reproduce "
+                    "the reference observable of the data set (Boltzmann estimator), regularized by the "
+                    "energy/force loss on the same data. Simulation and learning phases alternate until a budget "
+                    "is spent. Writes the refined model and a run directory with log.jsonl, checkpoint.pt, "
+                    "summary.json and PNG plots.")
+    p.add_argument("model", help="stable-md model file to refine")
+    p.add_argument("--data", required=True, help="the data set (extended XYZ or MD17 .npz): starting frames, "
+                                                 "reference observables and energy/force regularizer")
+    p.add_argument("-o", "--output", default=None,
+                   help="refined model file (default: <model>.stable.pt next to the model)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: <output stem>.refine/)")
+    p.add_argument("--obs", action="append", choices=sorted(OBSERVABLES), default=None,
+                   help="observable to match, repeatable: " + "; ".join(f"{k}: {v}" for k, v in OBSERVABLES.items())
+                        + " (default: hr)")
+    p.add_argument("--obs-weight", type=float, action="append", default=None,
+                   help="weight of each --obs, in the same order (default: 1)")
+    p.add_argument("--criterion", choices=["bond", "imd"], default="bond",
+                   help="instability criterion: bond (bond-length deviation, molecules) or imd (minimum "
+                        "intermolecular distance, liquids); default: bond")
+    p.add_argument("--threshold", type=_positive_float, default=None,
+                   help="criterion threshold in Å (default: 0.25 for bond, 1.2 for imd)")
+    p.add_argument("--replicas", type=_positive_int, default=32, help="parallel replicas R (default: 32)")
+    p.add_argument("--temperature", type=_positive_float, default=500.0, help="K (default: 500)")
+    p.add_argument("--timestep", type=_positive_float, default=0.5, help="fs (default: 0.5)")
+    p.add_argument("--integrator", choices=["nose-hoover", "langevin"], default="nose-hoover",
+                   help="thermostat (default: nose-hoover, as the paper)")
+    p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
+                   help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
+    p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=1000,
+                   help="t: MD steps per epoch of either phase (default: 1000)")
+    p.add_argument("--sample-every", type=_positive_int, default=10,
+                   help="S: steps between samples for the estimator (default: 10)")
+    p.add_argument("--check-every", type=_positive_int, default=50,
+                   help="steps between stability checks (default: 50)")
+    p.add_argument("--f-max", type=float, default=0.2,
+                   help="unstable fraction that ends a simulation phase (default: 0.2)")
+    p.add_argument("--f-min", type=float, default=0.05,
+                   help="unstable fraction that ends a learning phase (default: 0.05)")
+    p.add_argument("--qm-weight", type=float, default=10.0,
+                   help="λ, weight of the energy/force loss on the data (default: 10)")
+    p.add_argument("--qm-batch", type=_positive_int, default=64,
+                   help="data frames drawn per learning epoch for the energy/force loss (default: 64)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam",
+                   help="default: adam (the paper used SGD; see the docs for why adam is the default here)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default: 1e-4)")
+    p.add_argument("--lr-decay", type=_positive_float, default=1.0,
+                   help="learning rate factor per learning epoch (default: 1, no decay)")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    p.add_argument("--clip-grad", type=_positive_float, default=None,
+                   help="clip the gradient norm to this value (default: no clipping)")
+    p.add_argument("--max-cycles", type=_positive_int, default=4,
+                   help="stop after this many simulation+learning cycles (default: 4, as the paper)")
+    p.add_argument("--max-epochs", type=_positive_int, default=100,
+                   help="stop after this many learning epochs (default: 100)")
+    p.add_argument("--max-sim-time", default="50ps",
+                   help="stop when the simulation phases have run this long, e.g. 50ps (default: 50ps)")
+    p.add_argument("--max-time", type=_positive_float, default=None, help="stop after this many minutes")
+    p.add_argument("--train-frames", choices=["auto", "pretrain", "all"], default="auto",
+                   help="auto (default): if the model was pretrained on --data, use only its training frames so "
+                        "held-out frames stay held out; all: every frame of --data")
+    p.add_argument("--seed", type=int, default=0, help="seed of velocities and data minibatches (default: 0)")
+    p.add_argument("--platform", default="CPU", choices=["CPU", "Reference", "CUDA", "OpenCL"],
+                   help="OpenMM platform (default: CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output and run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_refine)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -273,6 +351,44 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"wrote {output}/replica_*.dcd with {output}/topology.pdb (mdtraj.load(dcd, top=pdb)), "
           f"{output}/state.csv, {output}/summary.json")
     return 0
+
+
+def _refine(args: argparse.Namespace) -> int:
+    from stable_md.refinement import RefineSettings, refine
+    from stable_md.units import parse_time_fs
+
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume exclude each other")
+    model = Path(args.model)
+    output = Path(args.output) if args.output else model.with_name(model.stem + ".stable.pt")
+    observables = args.obs or ["hr"]
+    settings = RefineSettings(
+        observables=observables, observable_weights=args.obs_weight or [1.0], criterion=args.criterion,
+        threshold=args.threshold, n_replicas=args.replicas, temperature=args.temperature, timestep=args.timestep,
+        integrator=args.integrator, collision_frequency=args.collision_frequency, friction=args.friction,
+        steps_per_epoch=args.steps_per_epoch, sample_every=args.sample_every, check_every=args.check_every,
+        f_max=args.f_max, f_min=args.f_min, qm_weight=args.qm_weight, qm_batch=args.qm_batch,
+        optimizer=args.optimizer, lr=args.lr, lr_decay=args.lr_decay, momentum=args.momentum,
+        clip_grad=args.clip_grad, max_cycles=args.max_cycles, max_epochs=args.max_epochs,
+        max_simulation_time=parse_time_fs(args.max_sim_time),
+        max_wall_time=None if args.max_time is None else 60.0 * args.max_time,
+        train_frames=args.train_frames, seed=args.seed, platform=args.platform)
+    print(f"stable-md refine: {model} on {args.data}; observables {', '.join(observables)}; "
+          f"{settings.criterion} criterion at {settings.threshold:g} Å; {settings.n_replicas} replicas at "
+          f"{settings.temperature:g} K, t = {settings.steps_per_epoch} steps of {settings.timestep:g} fs")
+    result = refine(model, args.data, output, settings, run_directory=args.run_dir, overwrite=args.overwrite,
+                    resume=args.resume, progress=not args.no_progress)
+    summary = result.summary
+    print(summary["message"])
+    before, after = summary["test_errors_before"], summary["test_errors_after"]
+    if before and after:
+        print(f"held-out force MAE: {before['force_mae_meV_per_A']:.1f} -> {after['force_mae_meV_per_A']:.1f} "
+              f"meV/Å ({after['frames']} frames)")
+    print(f"wrote {result.output}; log, checkpoint and plots in {Path(summary['figures'][0]).parent if summary['figures'] else ''}")
+    for figure in summary["figures"]:
+        print(f"  {figure}")
+    stopped = summary["stopped_by"]
+    return 0 if stopped in ("cycles", "epochs", "wall time", "simulation time") else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,11 @@
-"""Instability criteria for replicas (appendix A.5 of the StABlE paper): bond-length deviation.
+"""Instability criteria for replicas (appendix A.5 of the StABlE paper).
+
+- :class:`BondLengthCriterion`: the largest bond-length deviation from reference (molecules);
+- :class:`MinDistanceCriterion`: atoms of different molecules closer than 1.2 Å (liquids, training);
+- :class:`RDFCriterion`: the RDF averaged over a time window drifts from the reference (liquids, evaluation).
+
+Every criterion is called with positions ``[R, N, 3]`` (Å) and answers ``[R]`` bool
+(unstable), and ``reasons(positions)`` gives one message per replica.
 
 Bonds are detected once, on reference frames: atoms i and j are bonded when their mean
 distance over the frames is below ``factor`` times the sum of their covalent radii
@@ -19,6 +26,8 @@ from ase.data import chemical_symbols, covalent_radii
 DEFAULT_BOND_FACTOR = 1.25
 EVALUATION_THRESHOLD = 0.5
 TRAINING_THRESHOLD = 0.25
+MIN_DISTANCE_THRESHOLD = 1.2
+RDF_MAE_THRESHOLD = 3.0
 
 
 def pair_distances(positions: np.ndarray, pairs: np.ndarray, cell: Optional[np.ndarray] = None) -> np.ndarray:
@@ -91,3 +100,112 @@ class BondLengthCriterion:
         deviations = self.deviations(positions)
         worst = deviations.argmax(axis=1)
         return [f"bond {self.bonds.describe(b)} off by {deviations[r, b]:.2f} Å" for r, b in enumerate(worst)]
+
+
+def molecules_of(bonds: BondGraph) -> list[np.ndarray]:
+    """Atom indices of each molecule: the connected components of the bond graph, in order of first atom."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_atoms = len(bonds.numbers)
+    pairs = np.asarray(bonds.pairs, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n_atoms, n_atoms))
+    _, labels = connected_components(graph, directed=False)
+    order = {label: k for k, label in enumerate(dict.fromkeys(labels.tolist()))}
+    return [np.flatnonzero(labels == label) for label in sorted(order, key=order.get)]
+
+
+def intermolecular_pairs(bonds: BondGraph) -> np.ndarray:
+    """``[P, 2]`` atom pairs that belong to different molecules; at least two molecules are required."""
+    molecules = molecules_of(bonds)
+    if len(molecules) < 2:
+        raise ValueError("the minimum intermolecular distance needs at least two molecules, but the bonds join "
+                         "every atom into one molecule (use the bond criterion for a single molecule)")
+    labels = np.empty(len(bonds.numbers), dtype=np.int64)
+    for k, members in enumerate(molecules):
+        labels[members] = k
+    i, j = np.triu_indices(len(labels), k=1)
+    between = labels[i] != labels[j]
+    return np.stack([i[between], j[between]], axis=1)
+
+
+class MinDistanceCriterion:
+    """A replica is unstable when two atoms of different molecules come closer than ``threshold`` Å (1.2).
+
+    Molecules are the connected components of the bond graph (water: one O and two H).
+    """
+
+    def __init__(self, bonds: BondGraph, threshold: float = MIN_DISTANCE_THRESHOLD,
+                 cell: Optional[np.ndarray] = None) -> None:
+        if not threshold > 0:
+            raise ValueError(f"minimum-distance threshold must be positive, got {threshold}")
+        self.pairs = intermolecular_pairs(bonds)
+        self.bonds, self.threshold, self.cell = bonds, float(threshold), cell
+
+    def distances(self, positions: np.ndarray) -> np.ndarray:
+        """``[R, P]`` distances (Å) of all intermolecular atom pairs."""
+        return pair_distances(positions, self.pairs, self.cell)
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        return self.distances(positions).min(axis=1) < self.threshold
+
+    def reasons(self, positions: np.ndarray) -> list[str]:
+        distances = self.distances(positions)
+        closest = distances.argmin(axis=1)
+        messages = []
+        for r, p in enumerate(closest):
+            i, j = self.pairs[p]
+            label = (f"{chemical_symbols[self.bonds.numbers[i]]}{i + 1}-"
+                     f"{chemical_symbols[self.bonds.numbers[j]]}{j + 1}")
+            messages.append(f"atoms {label} of different molecules {distances[r, p]:.2f} Å apart")
+        return messages
+
+
+class RDFCriterion:
+    """A replica is unstable when its RDF, averaged over the last ``window`` checked frames, differs from the
+    reference by more than ``threshold``: ∫ |g_ref(r) − <g(r)>| dr > Δ for any element pair (paper: τ = 1 ps,
+    Δ = 3.0 for water).
+
+    ``rdf`` is an :class:`stable_md.observables.ElementRDF`; ``reference`` its value on reference data.
+    The criterion keeps the last frames per replica, so call it on consecutive checks in time
+    order and :meth:`reset` it after a rewind. Until ``window`` frames are in, no replica is flagged.
+    """
+
+    def __init__(self, rdf, reference, cell: np.ndarray, window: int, threshold: float = RDF_MAE_THRESHOLD) -> None:
+        if window < 1:
+            raise ValueError(f"the RDF window must hold at least one frame, got {window}")
+        if not threshold > 0:
+            raise ValueError(f"RDF threshold must be positive, got {threshold}")
+        self.rdf, self.cell, self.window, self.threshold = rdf, cell, int(window), float(threshold)
+        self.reference = np.asarray(reference, dtype=np.float64)
+        self._history: list[np.ndarray] = []
+
+    def reset(self) -> None:
+        self._history.clear()
+
+    def errors(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """Record ``positions [R, N, 3]`` and return, per element pair, ``[R]`` ∫|Δg| dr over the window."""
+        self._history.append(self.rdf(positions, self.cell).numpy())
+        del self._history[:-self.window]
+        mean = np.mean(self._history, axis=0)
+        width = self.rdf.r_max / self.rdf.n_bins
+        return {pair: np.abs(values - self.rdf.split(self.reference)[pair]).sum(axis=-1) * width
+                for pair, values in self.rdf.split(mean).items()}
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        errors = self.errors(positions)
+        if len(self._history) < self.window:
+            return np.zeros(len(positions), dtype=bool)
+        return np.max(np.stack(list(errors.values())), axis=0) > self.threshold
+
+    def reasons(self, positions: np.ndarray) -> list[str]:
+        """Messages from the frames recorded so far (does not record ``positions`` again)."""
+        mean = np.mean(self._history, axis=0)
+        width = self.rdf.r_max / self.rdf.n_bins
+        errors = {pair: np.abs(values - self.rdf.split(self.reference)[pair]).sum(axis=-1) * width
+                  for pair, values in self.rdf.split(mean).items()}
+        names = list(errors)
+        stacked = np.stack([errors[n] for n in names])
+        worst = stacked.argmax(axis=0)
+        return [f"{names[w]} RDF error {stacked[w, r]:.2f} over {len(self._history)} frames"
+                for r, w in enumerate(worst)]

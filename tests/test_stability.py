@@ -70,3 +70,46 @@ def test_simulate_stops_replicas_that_break_a_bond(pretrained_model, ethanol_pat
     # The default 0.5 Å threshold keeps this model's replicas running over the same time.
     assert main(args[:-2] + ["--overwrite"]) == 0
     assert json.loads((run / "summary.json").read_text())["n_unstable"] == 0
+
+
+def _two_waters(separation: float) -> tuple[np.ndarray, np.ndarray]:
+    water = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.24, 0.9266, 0.0]])
+    second = water + water[1] + np.array([separation, 0.0, 0.0])
+    return np.concatenate([water, second]), np.array([8, 1, 1, 8, 1, 1])
+
+
+def test_min_distance_criterion_on_colliding_molecules():
+    from stable_md.stability import MinDistanceCriterion
+
+    apart, numbers = _two_waters(2.0)
+    criterion = MinDistanceCriterion(detect_bonds(numbers, apart), threshold=1.2)
+    colliding, _ = _two_waters(1.0)
+    frames = np.stack([apart, colliding])
+    assert criterion(frames).tolist() == [False, True]
+    reason = criterion.reasons(frames[1:])[0]
+    assert "of different molecules" in reason and "1.00 Å" in reason
+    with pytest.raises(ValueError, match="at least two molecules"):
+        MinDistanceCriterion(detect_bonds(numbers[:3], apart[:3]))
+
+
+def test_rdf_criterion_flags_a_drifting_box_after_its_window():
+    from stable_md.observables import ElementRDF
+    from stable_md.stability import RDFCriterion
+
+    rng = np.random.default_rng(0)
+    box = 8.0 * np.eye(3)
+    numbers = np.array([8] * 20)
+    reference_frames = rng.uniform(0, 8.0, (50, 20, 3))
+    rdf = ElementRDF(numbers, r_max=4.0, n_bins=40, sigma=0.2)
+    reference = rdf(reference_frames, box).mean(0)
+    criterion = RDFCriterion(rdf, reference, box, window=4, threshold=20.0)  # noise ~3, collapse ~230
+    collapsed = rng.uniform(0, 1.5, (20, 3))  # every atom squeezed into one corner
+    verdicts = []
+    for step in range(4):
+        frames = np.stack([rng.uniform(0, 8.0, (20, 3)), collapsed])  # a fresh ideal-gas frame each check
+        verdicts.append(criterion(frames).tolist())
+    assert verdicts[:3] == [[False, False]] * 3  # the window is not full yet
+    assert verdicts[3] == [False, True]
+    assert "O-O RDF error" in criterion.reasons(frames)[1]
+    criterion.reset()
+    assert criterion(frames).tolist() == [False, False]
