@@ -20,7 +20,7 @@ import numpy as np
 from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot, snapshot_from_arrays, snapshot_to_arrays
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, TrajectoryWriter, truncate_dcd,
                                      truncate_state_log, write_topology)
-from stable_md.potentials.model_file import atomic_write
+from stable_md.potentials.model_file import atomic_write, write_json
 from stable_md.stability import EVALUATION_THRESHOLD, BondLengthCriterion, detect_bonds
 from stable_md.units import PS_IN_FS
 
@@ -108,7 +108,7 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
     if resume:
         _check_same_run(directory, record)
     else:
-        _write_json(directory / SETTINGS_NAME, record)
+        write_json(directory / SETTINGS_NAME, record)
         write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], cell)
     replicas = ReplicaSet(settings.model, settings.numbers, starts, cell=cell, integrator=settings.integrator,
                           temperature=settings.temperature, timestep=settings.timestep, friction=settings.friction,
@@ -164,7 +164,7 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
         state_log.close()
     wall = wall_before + time.perf_counter() - started
     summary = _summary(settings, replicas, trajectories, temperature_sum, temperature_count, wall, directory)
-    _write_json(directory / SUMMARY_NAME, summary)
+    write_json(directory / SUMMARY_NAME, summary)
     return summary
 
 
@@ -217,11 +217,6 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", desc="simulate", dynamic_ncols=True)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    text = json.dumps(payload, indent=1)
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
 def _check_same_run(directory: Path, record: dict) -> None:
     path = directory / SETTINGS_NAME
     if not path.exists():
@@ -233,7 +228,7 @@ def _check_same_run(directory: Path, record: dict) -> None:
         raise ValueError(f"cannot resume {directory}: settings differ from the original run ({details})")
     if saved.get("total_time") != record.get("total_time"):
         # Extending (or shortening) a run is allowed; everything else must match.
-        _write_json(path, {**saved, "total_time": record["total_time"]})
+        write_json(path, {**saved, "total_time": record["total_time"]})
 
 
 def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.ndarray,

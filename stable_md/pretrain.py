@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from stable_md.data import Dataset, load_dataset
 from stable_md.potentials import Potential, build_metadata, build_potential, energy_and_forces, save_model
-from stable_md.potentials.model_file import atomic_write
+from stable_md.potentials.model_file import atomic_write, truncate_jsonl_log
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -215,7 +215,7 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "best_model": None, "elapsed_s": 0.0}
     if resume and checkpoint_path.exists():
         state = _load_checkpoint(checkpoint_path, run_identity, potential, optimizer, scheduler, generator)
-        _truncate_log(log_path, state["epoch"])
+        truncate_jsonl_log(log_path, state["epoch"])
     elif log_path.exists() and not overwrite:
         raise FileExistsError(f"{log_path} exists; refusing to overwrite it (use --overwrite)")
     elif log_path.exists():
@@ -333,13 +333,3 @@ def _load_checkpoint(path: Path, identity: dict, potential: nn.Module, optimizer
     scheduler.load_state_dict(payload["scheduler"])
     generator.set_state(payload["generator"])
     return {**payload["state"], "best_model": payload["best_model"]}
-
-
-def _truncate_log(path: Path, last_epoch: int) -> None:
-    """Drop log rows of epochs after the checkpoint (a run killed between log and checkpoint)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= last_epoch]
-    if len(kept) != len(rows):
-        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))

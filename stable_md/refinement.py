@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -33,9 +33,10 @@ from torch import nn
 from stable_md.data import Dataset, load_dataset
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
-from stable_md.potentials.model_file import ModelFile, atomic_write, build_metadata, load_model, save_model
+from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, load_model,
+                                            save_model, truncate_jsonl_log, write_json)
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors
-from stable_md.stability import (MIN_DISTANCE_THRESHOLD, TRAINING_THRESHOLD, BondGraph, BondLengthCriterion,
+from stable_md.stability import (MIN_DISTANCE_THRESHOLD, TRAINING_THRESHOLD, BondLengthCriterion,
                                  MinDistanceCriterion, detect_bonds)
 from stable_md.structures import spread_indices
 
@@ -211,21 +212,6 @@ def _prepare(output: Path, directory: Path, overwrite: bool, resume: bool) -> No
         path.unlink()
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    text = json.dumps(payload, indent=1, default=_json_default)
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
 class _Refinement:
     """One refine run: the replicas, the optimizer and the loop state, checkpointed every epoch."""
 
@@ -255,14 +241,13 @@ class _Refinement:
         self.replicas = self._build_replicas()
         self.rewind_positions = self.replicas.positions()
         self.rewind_velocities = self.replicas.velocities()
-        self.sim_steps = np.zeros(settings.n_replicas, dtype=np.int64)
         self.initial_errors: Optional[dict] = None
         record = self._record()
         if resume:
             self._check_same_run(record)
             self._load_checkpoint()
         else:
-            _write_json(directory / SETTINGS_NAME, record)
+            write_json(directory / SETTINGS_NAME, record)
             self.initial_errors = self._test_errors()
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -344,7 +329,7 @@ class _Refinement:
         if different:
             raise ValueError(f"cannot resume {self.directory}: settings differ from the original run "
                              f"({', '.join(different)}); only the budgets ({', '.join(BUDGET_KEYS)}) may change")
-        _write_json(self.directory / SETTINGS_NAME, record)
+        write_json(self.directory / SETTINGS_NAME, record)
 
     # -- the loop ------------------------------------------------------------------------------------
     def execute(self) -> RefineResult:
@@ -370,7 +355,7 @@ class _Refinement:
                            wall_time_s=round(self.state["wall_seconds"], 2))
                 self.history.append(row)
                 with open(self.directory / LOG_NAME, "a") as log:
-                    log.write(json.dumps(row, default=_json_default) + "\n")
+                    log.write(json.dumps(row, default=json_default) + "\n")
                 bar.set_postfix(phase=row["phase"], cycle=row["cycle"], unstable=f"{row['unstable_fraction']:.2f}",
                                 refresh=False)
                 self._advance_phase(row)
@@ -431,7 +416,8 @@ class _Refinement:
         done = replicas.run(s.steps_per_epoch, callback=observe, every=every)
         # The shared clock moves by whole epochs even when every replica stopped early, so that
         # sampling and checks keep falling on the same steps of each epoch.
-        replicas.step = start_step + s.steps_per_epoch if done < s.steps_per_epoch else replicas.step
+        if done < s.steps_per_epoch:
+            replicas.step = start_step + s.steps_per_epoch
         newly = replicas.unstable & ~before
         stacked = np.concatenate(samples) if samples else np.zeros((0, len(self.train.numbers), 3))
         return stacked, newly
@@ -443,7 +429,6 @@ class _Refinement:
         self.rewind_positions[running] = replicas.positions()[running]
         self.rewind_velocities[running] = replicas.velocities()[running]
         samples, newly = self._run_epoch(record_samples=True)
-        self.sim_steps[running & ~newly] += self.settings.steps_per_epoch
         self.state["simulated_steps"] += self.settings.steps_per_epoch
         row = {"phase": "simulation", "unstable_fraction": float(replicas.unstable.mean()),
                "newly_unstable": int(newly.sum()), "lr": self.optimizer.param_groups[0]["lr"],
@@ -536,8 +521,7 @@ class _Refinement:
             "reasons": json.dumps({str(k): v for k, v in self.replicas.reasons.items()}),
             "rewind_positions": torch.as_tensor(self.rewind_positions),
             "rewind_velocities": torch.as_tensor(self.rewind_velocities),
-            "sim_steps": torch.as_tensor(self.sim_steps),
-            "state": json.dumps(self.state), "history": json.dumps(self.history, default=_json_default),
+            "state": json.dumps(self.state), "history": json.dumps(self.history, default=json_default),
             "rng": json.dumps(self.rng.bit_generator.state),
             "means": json.dumps({"first": self.first_means, "last": self.last_means}),
             "initial_errors": json.dumps(self.initial_errors),
@@ -560,7 +544,6 @@ class _Refinement:
         self.replicas.restore(snapshot_from_arrays(arrays))
         self.rewind_positions = payload["rewind_positions"].numpy().copy()
         self.rewind_velocities = payload["rewind_velocities"].numpy().copy()
-        self.sim_steps = payload["sim_steps"].numpy().copy()
         self.state = json.loads(payload["state"])
         self.state["stopped_by"] = None
         self.history = json.loads(payload["history"])
@@ -568,7 +551,7 @@ class _Refinement:
         means = json.loads(payload["means"])
         self.first_means, self.last_means = means["first"], means["last"]
         self.initial_errors = json.loads(payload["initial_errors"])
-        _truncate_log(self.directory / LOG_NAME, len(self.history))
+        truncate_jsonl_log(self.directory / LOG_NAME, self.state["epoch"])
 
     # -- the end ---------------------------------------------------------------------------------------
     def _finish(self) -> RefineResult:
@@ -600,7 +583,7 @@ class _Refinement:
         }
         figures = plots.refine_figures(self.history, self.terms, self.first_means, self.last_means, self.directory)
         summary["figures"] = [str(p) for p in figures]
-        _write_json(self.directory / SUMMARY_NAME, summary)
+        write_json(self.directory / SUMMARY_NAME, summary)
         entry = {"stage": "refine", "data": self.data.source, "train_frames": self.frames_note,
                  "settings": asdict(s), "summary": {k: v for k, v in summary.items() if k != "figures"},
                  "history": self.history}
@@ -630,11 +613,3 @@ def _same_file(recorded: Optional[str], current: str) -> bool:
         return Path(recorded).resolve() == Path(current).resolve()
     except OSError:
         return False
-
-
-def _truncate_log(path: Path, rows: int) -> None:
-    """Keep the first ``rows`` lines of the log (those the checkpoint knows about)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)[:rows]
-    atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))

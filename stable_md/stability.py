@@ -187,9 +187,13 @@ class RDFCriterion:
         """Record ``positions [R, N, 3]`` and return, per element pair, ``[R]`` ∫|Δg| dr over the window."""
         self._history.append(self.rdf(positions, self.cell).numpy())
         del self._history[:-self.window]
+        return self._window_errors()
+
+    def _window_errors(self) -> dict[str, np.ndarray]:
         mean = np.mean(self._history, axis=0)
         width = self.rdf.r_max / self.rdf.n_bins
-        return {pair: np.abs(values - self.rdf.split(self.reference)[pair]).sum(axis=-1) * width
+        reference = self.rdf.split(self.reference)
+        return {pair: np.abs(values - reference[pair]).sum(axis=-1) * width
                 for pair, values in self.rdf.split(mean).items()}
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
@@ -200,10 +204,7 @@ class RDFCriterion:
 
     def reasons(self, positions: np.ndarray) -> list[str]:
         """Messages from the frames recorded so far (does not record ``positions`` again)."""
-        mean = np.mean(self._history, axis=0)
-        width = self.rdf.r_max / self.rdf.n_bins
-        errors = {pair: np.abs(values - self.rdf.split(self.reference)[pair]).sum(axis=-1) * width
-                  for pair, values in self.rdf.split(mean).items()}
+        errors = self._window_errors()
         names = list(errors)
         stacked = np.stack([errors[n] for n in names])
         worst = stacked.argmax(axis=0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -121,6 +122,33 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON atomically (numpy scalars and arrays become numbers and lists)."""
+    text = json.dumps(payload, indent=1, default=json_default)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def truncate_jsonl_log(path: Path, last_epoch: int) -> None:
+    """Drop log rows of epochs after the checkpoint (a run killed between log and checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= last_epoch]
+    if len(kept) != len(rows):
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def save_model(potential: nn.Module, path: str | os.PathLike, metadata: dict[str, Any],
