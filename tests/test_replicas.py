@@ -177,6 +177,37 @@ def test_a_nan_replica_is_frozen_and_the_others_carry_on(pretrained_model, ethan
     assert np.linalg.norm(drifting.positions()[1].mean(axis=0)) <= 3.0
 
 
+class _WallOutsideSphere(nn.Module):
+    """The real model plus a steep finite wall (1e5 eV/Å²) beyond ``radius`` Å from the origin."""
+
+    def __init__(self, model: nn.Module, radius: float) -> None:
+        super().__init__()
+        self.model, self.radius = model, radius
+        self.species_numbers = model.species_numbers
+
+    def forward(self, positions, numbers, cell=None):
+        energy, atomic = self.model(positions, numbers, cell)
+        outside = (positions.norm(dim=-1) - self.radius).clamp_min(0.0)
+        wall = 0.5e5 * outside.pow(2)
+        return energy + wall.sum(dim=1), atomic + wall
+
+
+def test_an_exploding_replica_is_retired_before_openmm_sees_nan(pretrained_model, ethanol):
+    from openmm_bridge.replicas import NONFINITE_REASON
+
+    model = _WallOutsideSphere(load_model(pretrained_model).module, radius=6.0)
+    starts = _starts(ethanol, 3)
+    starts -= starts.mean(axis=1, keepdims=True)
+    starts[1] += 6.5  # every atom well outside the wall: forces of order 1e5 eV/Å, finite but exploding
+    replicas = ReplicaSet(model, ethanol.numbers, starts, integrator="verlet", temperature=300, timestep=0.5,
+                          seed=2, check_interval=10)
+    replicas.run(100)
+    assert replicas.unstable.tolist() == [False, True, False]
+    assert replicas.reasons[1] == NONFINITE_REASON
+    assert np.isfinite(replicas.positions()).all()
+    np.testing.assert_allclose(replicas.positions()[1], starts[1])  # kept at its last good state
+
+
 def test_all_replicas_unstable_ends_the_run_early(pretrained_model, ethanol):
     model = _NaNOutsideSphere(load_model(pretrained_model).module, radius=0.0)
     replicas = ReplicaSet(model, ethanol.numbers, _starts(ethanol, 2) + 1.0, integrator="langevin", check_interval=5)
