@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/pretrain_ethanol.py
+	$(PY) examples/demo.py
 
 clean-env:
 	rm -rf $(VENV)

@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from stable_md import refinement
 
         return getattr(refinement, name)
+    if name in ("evaluate", "EvaluateSettings"):
+        from stable_md import evaluation
+
+        return getattr(evaluation, name)
     raise AttributeError(f"module 'stable_md' has no attribute {name!r}")

@@ -9,7 +9,18 @@ from typing import Any, Optional, Sequence
 
 from stable_md import __version__
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ImportError,
+               KeyError)
+
+
+PLATFORMS = ["CPU", "Reference", "CUDA", "OpenCL"]
+
+
+def _add_run_options(p: argparse.ArgumentParser, overwrite_help: str, resume_help: str) -> None:
+    """--overwrite, --resume and --no-progress of the long-running commands."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _hyper_value(text: str) -> tuple[str, Any]:
@@ -77,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--hyper", type=_hyper_value, action="append", default=[], metavar="NAME=VALUE",
                    help="architecture hyperparameter, repeatable (e.g. --hyper cutoff=4.5)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_options(p, "replace an existing output file", "continue an interrupted run from its checkpoint")
     p.set_defaults(func=_pretrain)
 
     p = commands.add_parser("info", help="print a model file's metadata")
@@ -139,17 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-replica: one Context each")
     p.add_argument("--force", choices=["python", "torch"], default="python",
                    help="python: openmm.PythonForce (default); torch: openmmtorch.TorchForce")
-    p.add_argument("--platform", default="CPU", choices=["CPU", "Reference", "CUDA", "OpenCL"],
+    p.add_argument("--platform", default="CPU", choices=PLATFORMS,
                    help="OpenMM platform for integration (default: CPU, one thread; the model runs in torch)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
     p.add_argument("--energy-key", default="energy", help="energy key for --data extended XYZ")
     p.add_argument("--forces-key", default="forces", help="forces key for --data extended XYZ")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_options(p, "replace an earlier run in the output directory",
+                     "continue an interrupted run from its checkpoint")
     p.set_defaults(func=_simulate)
 
     _add_refine_parser(commands)
+    _add_evaluate_parser(commands)
+    _add_data_parser(commands)
     return parser
 
 
@@ -221,12 +231,105 @@ def _add_refine_parser(commands) -> None:
                    help="auto (default): if the model was pretrained on --data, use only its training frames so "
                         "held-out frames stay held out; all: every frame of --data")
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and data minibatches (default: 0)")
-    p.add_argument("--platform", default="CPU", choices=["CPU", "Reference", "CUDA", "OpenCL"],
-                   help="OpenMM platform (default: CPU)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output and run directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--platform", default="CPU", choices=PLATFORMS, help="OpenMM platform (default: CPU)")
+    _add_run_options(p, "replace an earlier output and run directory",
+                     "continue an interrupted run from its checkpoint")
     p.set_defaults(func=_refine)
+
+
+def _add_evaluate_parser(commands) -> None:
+    p = commands.add_parser(
+        "evaluate", help="compare models' MD stability and accuracy on identical held-out starts",
+        description="The paper's evaluation protocol (appendix A.7-A.8): R replicas of every model start from the "
+                    "same held-out data frames with the same velocities (Nosé-Hoover at --temperature, up to "
+                    "--time). A replica that fails the stability criterion is stopped there. Reports the time to "
+                    "instability per replica (median, mean, fraction unstable against time), h(r) or RDFs of the "
+                    "stable part against the data's (Boltzmann-reweighted to --temperature when "
+                    "--data-temperature differs, with the effective sample size), the VACF, diffusivity for "
+                    "periodic systems, and energy/force MAE on held-out frames. Writes evaluation.json and PNG "
+                    "figures into the output directory.")
+    p.add_argument("models", nargs="+", help="stable-md model files (baseline, refined, ...)")
+    p.add_argument("--data", required=True, help="data set (extended XYZ or MD17 .npz): held-out starts, "
+                                                 "reference observable and held-out QM frames")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--label", action="append", default=None,
+                   help="name of each model in tables and plots, in order (default: file names)")
+    p.add_argument("--units", default=None, help="energy unit of --data (default: eV for xyz, kcal/mol for .npz)")
+    p.add_argument("--replicas", type=_positive_int, default=64, help="replicas per model (default: 64)")
+    p.add_argument("--temperature", type=_positive_float, default=500.0, help="K (default: 500)")
+    p.add_argument("--data-temperature", type=_positive_float, default=None,
+                   help="temperature (K) the data were sampled at; when it differs from --temperature the "
+                        "reference is Boltzmann-reweighted (default: assume the data are at --temperature)")
+    p.add_argument("--time", default="10ps", help="maximum simulated time per replica, e.g. 10ps, 300ps (default: "
+                                                  "10ps; the paper used 300ps)")
+    p.add_argument("--timestep", type=_positive_float, default=0.5, help="fs (default: 0.5)")
+    p.add_argument("--integrator", choices=["nose-hoover", "langevin", "verlet"], default="nose-hoover",
+                   help="default: nose-hoover, as the paper")
+    p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
+                   help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
+    p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
+    p.add_argument("--criterion", choices=["bond", "rdf", "imd"], default="bond",
+                   help="bond: bond-length deviation (molecules, default); rdf: RDF error over a window "
+                        "(liquids); imd: minimum intermolecular distance")
+    p.add_argument("--threshold", type=_positive_float, default=None,
+                   help="criterion threshold (default: 0.5 Å for bond, 3.0 for rdf, 1.2 Å for imd)")
+    p.add_argument("--check-every", type=_positive_int, default=100,
+                   help="steps between stability checks and observable samples (default: 100)")
+    p.add_argument("--rdf-window", type=_positive_int, default=20,
+                   help="checks averaged by the rdf criterion (default: 20, i.e. 1 ps at the defaults)")
+    p.add_argument("--obs", choices=["hr", "rdf"], default=None,
+                   help="observable compared with the data (default: hr for molecules, rdf for periodic boxes)")
+    p.add_argument("--error-frames", type=_positive_int, default=1000,
+                   help="held-out data frames for the energy/force MAE (default: 1000)")
+    p.add_argument("--vacf-window", type=int, default=100,
+                   help="steps recorded at every step at the start for the VACF (default: 100; 0: no VACF)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (default: 0)")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="models evaluated at once, one process and one thread each (default: 1; use the number "
+                        "of cores)")
+    p.add_argument("--platform", default="CPU", choices=PLATFORMS, help="OpenMM platform (default: CPU)")
+    _add_run_options(p, "replace an earlier evaluation in the output directory",
+                     "finish an interrupted evaluation, skipping models done")
+    p.set_defaults(func=_evaluate)
+
+
+def _add_data_parser(commands) -> None:
+    from stable_md.refdata import xtb_md
+
+    p = commands.add_parser("data", help="make reference data (GFN2-xTB MD, SPC/Fw water) or convert it",
+                            description="Make reference data sets with real physics on this machine.")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    x = kinds.add_parser("xtb-md", help="GFN2-xTB Langevin MD of a molecule (tblite), frames to extended XYZ",
+                         description=xtb_md.DESCRIPTION)
+    xtb_md.add_arguments(x)
+    x.set_defaults(func=_data_xtb)
+    w = kinds.add_parser("water", help="flexible SPC/Fw water box in OpenMM, frames to extended XYZ",
+                         description="N flexible SPC/Fw water molecules (Wu, Tepper & Voth 2006) at constant "
+                                     "volume in OpenMM (PME, Langevin), labelled with OpenMM energies (eV) and "
+                                     "forces (eV/Å). Resumes an existing output file.")
+    w.add_argument("-o", "--output", required=True, help="extended XYZ file to write")
+    w.add_argument("--molecules", type=_positive_int, default=64, help="water molecules (default: 64)")
+    w.add_argument("--density", type=_positive_float, default=0.997, help="g/cm³ (default: 0.997)")
+    w.add_argument("--temperature", type=_positive_float, default=300.0, help="K (default: 300)")
+    w.add_argument("--timestep", type=_positive_float, default=1.0, help="fs (default: 1)")
+    w.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
+    w.add_argument("--frames", type=_positive_int, default=1000, help="frames to write (default: 1000)")
+    w.add_argument("--every", type=_positive_int, default=100, help="steps between frames (default: 100)")
+    w.add_argument("--equilibration", type=int, default=20000,
+                   help="unstored equilibration steps (default: 20000 = 20 ps at 1 fs)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the box and the Langevin noise (default: 0)")
+    w.add_argument("--no-resume", action="store_true", help="fail if the output exists instead of continuing it")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=_data_water)
+    c = kinds.add_parser("convert", help="write a data set as MD17-style .npz (compressed) or extended XYZ",
+                         description="Read any data set stable-md reads and write it as an MD17-style .npz (keys "
+                                     "R, z, E, F in kcal/mol and kcal/mol/Å, float32 R and F, compressed) or "
+                                     "extended XYZ (eV). Several inputs are concatenated in order.")
+    c.add_argument("inputs", nargs="+", help="data files (extended XYZ or .npz)")
+    c.add_argument("-o", "--output", required=True, help=".npz or .extxyz/.xyz file to write")
+    c.add_argument("--units", default=None, help="energy unit of the inputs (default: eV for xyz, kcal/mol for .npz)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=_data_convert)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -389,6 +492,76 @@ def _refine(args: argparse.Namespace) -> int:
         print(f"  {figure}")
     stopped = summary["stopped_by"]
     return 0 if stopped in ("cycles", "epochs", "wall time", "simulation time") else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from stable_md.data import load_dataset
+    from stable_md.evaluation import EvaluateSettings, evaluate, summary_table
+    from stable_md.units import parse_time_fs
+
+    if args.vacf_window < 0:
+        raise ValueError(f"--vacf-window must be >= 0 steps, got {args.vacf_window}")
+    data = load_dataset(args.data, units=args.units)
+    observable = args.obs or ("rdf" if data.periodic else "hr")
+    settings = EvaluateSettings(
+        n_replicas=args.replicas, temperature=args.temperature, timestep=args.timestep,
+        total_time=parse_time_fs(args.time), integrator=args.integrator,
+        collision_frequency=args.collision_frequency, friction=args.friction, criterion=args.criterion,
+        threshold=args.threshold, check_every=args.check_every, observable=observable, seed=args.seed,
+        data_temperature=args.data_temperature, error_frames=args.error_frames, vacf_window=args.vacf_window,
+        rdf_window=args.rdf_window, platform=args.platform)
+    print(f"stable-md evaluate: {len(args.models)} model(s), {settings.n_replicas} replicas each from held-out frames "
+          f"of {data.source}; {settings.integrator} at {settings.temperature:g} K for up to "
+          f"{settings.total_time / 1000:g} ps; {settings.criterion} criterion at {settings.threshold:g}")
+    report = evaluate(args.models, data, args.output, settings, labels=args.label, jobs=args.jobs,
+                      overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    reweighting = report["reference"]["reweighting"]
+    if reweighting:
+        print(f"reference {observable}: data reweighted from {reweighting['from_temperature_K']:g} K to "
+              f"{reweighting['to_temperature_K']:g} K, effective sample size {reweighting['effective_samples']:.0f} "
+              f"of {reweighting['frames']} frames")
+    print(f"held out: {report['held_out_note']}; energy/force errors on {report['error_frames']} of them")
+    for line in summary_table(report):
+        print(line)
+    output = Path(args.output)
+    print(f"wrote {output / 'evaluation.json'}")
+    for figure in report["figures"]:
+        print(f"  {figure}")
+    return 0
+
+
+def _data_xtb(args: argparse.Namespace) -> int:
+    from stable_md.refdata import xtb_md
+
+    return xtb_md.run_from_arguments(args)
+
+
+def _data_water(args: argparse.Namespace) -> int:
+    try:
+        from openmm_bridge.water import run_water_md
+    except ImportError as error:
+        raise ImportError(f"data water needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
+
+    if args.equilibration < 0:
+        raise ValueError(f"--equilibration must be >= 0 steps, got {args.equilibration}")
+    path = run_water_md(args.output, n_molecules=args.molecules, density=args.density,
+                        temperature=args.temperature, timestep_fs=args.timestep, friction=args.friction,
+                        n_frames=args.frames, every=args.every, equilibration_steps=args.equilibration,
+                        seed=args.seed, resume=not args.no_resume, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    from stable_md.data import concatenate, load_dataset, save_dataset
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; refusing to overwrite it (use --overwrite)")
+    data = concatenate([load_dataset(path, units=args.units) for path in args.inputs])
+    save_dataset(data, output)
+    print(f"wrote {output}: {len(data)} frames of {data.n_atoms} atoms ({output.stat().st_size / 1e6:.1f} MB)")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -141,6 +141,58 @@ class Dataset:
         atomic_write(path, lambda tmp: write(str(tmp), frames, format="extxyz"))
         return path
 
+    def save_npz(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write an MD17-style compressed ``.npz`` atomically (molecules only).
+
+        Keys ``R`` (Å, float32), ``z``, ``E`` (kcal/mol, float64), ``F`` (kcal/mol/Å, float32),
+        so that :func:`load_dataset` reads it with its ``.npz`` default units. float32
+        keeps positions to about 1e-6 Å and forces to about 1e-6 relative.
+        """
+        from stable_md.potentials.model_file import atomic_write
+
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ValueError(f"{path}: an MD17-style file needs the suffix .npz")
+        if self.periodic:
+            raise ValueError(f"{path}: MD17-style .npz holds molecules; write periodic boxes as extended XYZ")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; refusing to overwrite it")
+        per_kcal = 1.0 / energy_factor("kcal/mol")
+        arrays = {"R": self.positions.astype(np.float32), "z": self.numbers.astype(np.int64),
+                  "E": self.energies * per_kcal, "F": (self.forces * per_kcal).astype(np.float32)}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, **arrays)
+
+        atomic_write(path, write)
+        return path
+
+
+def save_dataset(data: Dataset, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``data`` as MD17-style ``.npz`` (suffix .npz) or extended XYZ (anything else)."""
+    if Path(path).suffix == ".npz":
+        return data.save_npz(path, overwrite=overwrite)
+    return data.save_extxyz(path, overwrite=overwrite)
+
+
+def concatenate(datasets: Sequence[Dataset]) -> Dataset:
+    """The frames of several data sets of the same atoms, one after another (indices renumbered 0..F-1)."""
+    if not datasets:
+        raise ValueError("nothing to concatenate")
+    first = datasets[0]
+    for other in datasets[1:]:
+        if not np.array_equal(other.numbers, first.numbers):
+            raise DataError(f"{other.source} holds other atoms than {first.source}; only data sets of the same atoms "
+                            f"in the same order can be joined")
+        if other.periodic != first.periodic:
+            raise DataError(f"{other.source} and {first.source} differ in periodicity")
+    return Dataset(
+        positions=np.concatenate([d.positions for d in datasets]), numbers=first.numbers,
+        energies=np.concatenate([d.energies for d in datasets]), forces=np.concatenate([d.forces for d in datasets]),
+        cells=np.concatenate([d.cells for d in datasets]) if first.periodic else None,
+        source=" + ".join(d.source for d in datasets) if len(datasets) > 1 else first.source)
+
 
 def validate(data: Dataset) -> None:
     """Raise :class:`DataError` naming the source when shapes or values are unusable."""
@@ -222,6 +274,16 @@ def _load_md17(path: Path, units: str) -> Dataset:
                         f"to match E")
     return Dataset(positions=positions, numbers=numbers, energies=energies * factor,
                    forces=forces * factor, source=str(path))
+
+
+def same_file(recorded: Optional[str], current: str) -> bool:
+    """Whether the path ``recorded`` (e.g. in a model's history) names the same file as ``current``."""
+    if not recorded:
+        return False
+    try:
+        return Path(recorded).resolve() == Path(current).resolve()
+    except OSError:
+        return False
 
 
 def read_ase_frames(path: Path, index: str | slice = ":", noun: str = "frames") -> list:

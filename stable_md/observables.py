@@ -294,6 +294,14 @@ class MinIntermolecularDistance(Observable):
         return distances.min(dim=1, keepdim=True).values
 
 
+def largest_rdf_range(cell: np.ndarray, limit: float = 6.0) -> float:
+    """Largest RDF range (Å) the box ``cell [3, 3]`` (Å) allows: just under half its shortest height, at most ``limit``."""
+    cell = np.asarray(cell, dtype=np.float64)
+    volume = abs(float(np.linalg.det(cell)))
+    heights = [volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)]
+    return min(float(limit), 0.5 * min(heights) * 0.999)
+
+
 def make_observable(name: str, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> Observable:
     """The observable called ``name`` (``hr``, ``rdf``, ``bonds``, ``bond-types``, ``imd``) for ``data``'s system.
 
@@ -305,6 +313,7 @@ def make_observable(name: str, data: Dataset, bonds: Optional[BondGraph] = None,
         if not data.periodic:
             raise ValueError(f"--obs rdf needs a periodic box, but {data.source} holds molecules without one; "
                              "use --obs hr")
+        options.setdefault("r_max", largest_rdf_range(data.cells[0]))
         return ElementRDF(data.numbers, **options)
     if name in ("bonds", "bond-types", "imd"):
         if bonds is None:

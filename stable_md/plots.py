@@ -18,6 +18,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def unstable_fraction_figure(history: Sequence[dict], path: Path) -> Path:
     """Unstable fraction per epoch, coloured by phase (the paper's Fig. 3a), with the observable loss below."""
     plt = _pyplot()
@@ -43,10 +50,7 @@ def unstable_fraction_figure(history: Sequence[dict], path: Path) -> Path:
             bottom.semilogy(epochs[chosen], losses[chosen], "o", ms=3, color=colour)
     bottom.set_ylabel("observable loss")
     bottom.set_xlabel("epoch (t steps each)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def observable_figure(x: np.ndarray, reference: np.ndarray, curves: dict[str, np.ndarray], path: Path,
@@ -62,16 +66,18 @@ def observable_figure(x: np.ndarray, reference: np.ndarray, curves: dict[str, np
         top.plot(x, values, lw=1.2, color=colours[k % len(colours)], label=label)
         bottom.plot(x, values - reference, lw=1.0, color=colours[k % len(colours)])
     bottom.axhline(0.0, color="black", lw=0.8)
+    # Crop the empty tail (h(r) of a small molecule ends well before 10 Å).
+    filled = np.flatnonzero(np.max(np.abs([np.asarray(reference)] + [np.asarray(v) for v in curves.values()]), axis=0)
+                            > 1e-3 * np.max(np.abs(reference)))
+    if len(filled) and len(x) > 1:
+        top.set_xlim(x[0], min(x[-1], x[filled[-1]] + 0.05 * (x[-1] - x[0])))
     top.set_ylabel(y_label)
     bottom.set_ylabel("difference")
     bottom.set_xlabel(x_label)
     top.legend(frameon=False)
     if title:
         top.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def refine_figures(history: Sequence[dict], terms, first_means: Optional[dict], last_means: Optional[dict],
@@ -91,3 +97,55 @@ def refine_figures(history: Sequence[dict], terms, first_means: Optional[dict], 
             paths.append(observable_figure(x, term.reference.numpy(), curves, Path(directory) / f"{name}.png",
                                            term.observable.x_label, term.observable.y_label or name))
     return paths
+
+
+def _colours(plt) -> list[str]:
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def stability_curves_figure(curves: dict[str, dict], path: Path, title: Optional[str] = None) -> Path:
+    """Fraction of replicas unstable against simulated time, one line per model (the paper's Fig. 3b/4a)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k, (label, curve) in enumerate(curves.items()):
+        ax.step(curve["time_ps"], curve["fraction"], where="post", lw=1.6, color=_colours(plt)[k % 10], label=label)
+    ax.set_xlabel("simulation time (ps)")
+    ax.set_ylabel("fraction of replicas unstable")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(frameon=False, loc="upper left")
+    if title:
+        ax.set_title(title)
+    return _save(plt, fig, path)
+
+
+def stable_time_figure(times: dict[str, Sequence[float]], total_ps: float, path: Path) -> Path:
+    """Per-replica stable times of each model as points over a box plot; the top line is the evaluated time."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(times), 4.2))
+    labels = list(times)
+    data = [np.asarray(times[label], dtype=float) for label in labels]
+    ax.boxplot(data, showfliers=False, widths=0.5)
+    rng = np.random.default_rng(0)
+    for k, values in enumerate(data, start=1):
+        ax.scatter(k + rng.uniform(-0.15, 0.15, len(values)), values, s=10, alpha=0.6,
+                   color=_colours(plt)[(k - 1) % 10], zorder=3)
+    ax.axhline(total_ps, color="0.5", lw=0.8, ls="--")
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=20, ha="right")
+    ax.set_ylabel("stable time per replica (ps)")
+    return _save(plt, fig, path)
+
+
+def vacf_figure(curves: dict[str, dict], path: Path) -> Path:
+    """Velocity autocorrelation (normalised) of each model, mean ± one standard deviation over replicas."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k, (label, curve) in enumerate(curves.items()):
+        lag, mean, std = (np.asarray(curve[key]) for key in ("lag_fs", "mean", "std"))
+        colour = _colours(plt)[k % 10]
+        ax.plot(lag, mean, lw=1.4, color=colour, label=label)
+        ax.fill_between(lag, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel("lag (fs)")
+    ax.set_ylabel("VACF (normalised)")
+    ax.legend(frameon=False)
+    return _save(plt, fig, path)

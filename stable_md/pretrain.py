@@ -133,6 +133,27 @@ def initialise_output_scale(potential: Potential, data: Dataset) -> dict[str, An
     return {"energy_shift_eV": dict(zip(map(str, species), map(float, shifts))), "energy_scale_eV": scale}
 
 
+def refit_energy_shifts(potential: Potential, train: Dataset, batch_size: int = 64) -> dict[str, float]:
+    """Absorb the mean energy residual on ``train`` into the per-species shifts; returns the new shifts (eV).
+
+    The loss weighs forces far above per-atom energies, so a constant energy offset is
+    learned slowly; the shifts enter the energy linearly, so least squares over the
+    composition counts removes that offset exactly without changing any force.
+    """
+    species = potential.species_numbers.tolist()
+    dtype = potential.energy_shift.dtype
+    residuals = []
+    for batch in DatasetTensors(train, dtype).batches(batch_size):
+        energy, _ = energy_and_forces(potential, batch.positions, batch.numbers, batch.cells)
+        residuals.append((batch.energies - energy.detach()).double())
+    residual = Dataset(positions=train.positions, numbers=train.numbers, energies=torch.cat(residuals).numpy(),
+                       forces=train.forces, cells=train.cells, source=train.source)
+    correction = fit_energy_shifts(residual, species)
+    with torch.no_grad():
+        potential.energy_shift.add_(torch.as_tensor(correction, dtype=dtype))
+    return dict(zip(map(str, species), map(float, potential.energy_shift.double().tolist())))
+
+
 @dataclass
 class PretrainSettings:
     """Optimisation settings of :func:`pretrain` (epochs are passes over the training frames)."""
@@ -255,6 +276,7 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
 
     if state["best_model"] is not None:
         potential.load_state_dict(state["best_model"])
+    scale_info["energy_shift_eV"] = refit_energy_shifts(potential, train)
     report = {
         "arch": arch,
         "epochs": state["epoch"],

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from stable_md.data import Dataset, load_dataset
+from stable_md.data import Dataset, load_dataset, same_file
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
 from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, load_model,
                                             save_model, truncate_jsonl_log, write_json)
-from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors
+from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
 from stable_md.stability import (MIN_DISTANCE_THRESHOLD, TRAINING_THRESHOLD, BondLengthCriterion,
                                  MinDistanceCriterion, detect_bonds)
 from stable_md.structures import spread_indices
@@ -263,11 +263,11 @@ class _Refinement:
         choice = self.settings.train_frames
         pretrain = next((h for h in self.model_file.metadata.get("history", []) if h.get("stage") == "pretrain"),
                         None)
-        same_file = pretrain is not None and _same_file(pretrain.get("data"), self.data.source)
-        if choice == "pretrain" and not same_file:
+        pretrained_here = pretrain is not None and same_file(pretrain.get("data"), self.data.source)
+        if choice == "pretrain" and not pretrained_here:
             raise ValueError(f"train_frames='pretrain' needs the data file the model was pretrained on "
                              f"({None if pretrain is None else pretrain.get('data')}), got {self.data.source}")
-        if choice != "all" and same_file:
+        if choice != "all" and pretrained_here:
             train_idx = np.asarray(pretrain["train_indices"], dtype=np.int64)
             test_idx = np.asarray(pretrain.get("test_indices", []), dtype=np.int64)
             position = {int(index): k for k, index in enumerate(self.data.indices)}
@@ -561,6 +561,8 @@ class _Refinement:
         learned = self.state["learning_epochs"] > 0 and any(
             row["phase"] == "learning" and "skipped" not in row for row in self.history)
         if learned:
+            # Learning moves the constant energy offset, which no dynamics depend on; put it back.
+            refit_energy_shifts(self.model, self.train)
             stop = self.state["stopped_by"]
             message = (f"{self.state['learning_epochs']} learning epochs in {self.state['cycle']} complete cycles; "
                        + (f"stopped by the {stop} budget" if stop in BUDGETS else f"stopped: {stop}"))
@@ -605,11 +607,3 @@ def _gradient_norm(model: nn.Module) -> float:
     squares = [p.grad.detach().double().pow(2).sum() for p in model.parameters() if p.grad is not None]
     return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
-
-def _same_file(recorded: Optional[str], current: str) -> bool:
-    if not recorded:
-        return False
-    try:
-        return Path(recorded).resolve() == Path(current).resolve()
-    except OSError:
-        return False

@@ -151,3 +151,24 @@ def test_splits_are_reproducible_disjoint_and_keep_source_indices():
         data.split(45, 10)
     with pytest.raises(ValueError, match="k must be >= 1"):
         data.every(0)
+
+
+def test_convert_to_md17_npz_round_trips(tmp_path, capsys, ethanol_path):
+    from stable_md.cli import main
+    from stable_md.data import concatenate, load_dataset
+
+    source = load_dataset(ethanol_path)
+    out = tmp_path / "ethanol.npz"
+    assert main(["data", "convert", str(ethanol_path), str(ethanol_path), "-o", str(out)]) == 0
+    assert "1000 frames of 9 atoms" in capsys.readouterr().out
+    back = load_dataset(out)  # MD17 default units: kcal/mol
+    both = concatenate([source, source])
+    assert len(back) == 1000 and np.array_equal(back.numbers, source.numbers)
+    assert np.allclose(back.positions, both.positions, atol=1e-5)
+    assert np.allclose(back.energies, both.energies, atol=1e-9)
+    assert np.allclose(back.forces, both.forces, atol=1e-5)
+    assert main(["data", "convert", str(ethanol_path), "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "convert", str(ethanol_path), str(tmp_path / "missing.xyz"), "-o",
+                 str(tmp_path / "b.npz")]) == 2
+    assert "missing.xyz" in capsys.readouterr().err

@@ -196,3 +196,19 @@ def test_schnet_default_size_matches_paper_scale():
     assert hyper["cutoff"] == 5.0
     assert 0.08e6 < n < 0.15e6, n
     assert math.isclose(potential.cutoff, 5.0)
+
+
+def test_atomic_write_gives_files_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from stable_md.potentials.model_file import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "out.json"
+        atomic_write(path, lambda tmp: tmp.write_text("{}"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        assert not list(tmp_path.glob(".*.tmp"))
+    finally:
+        os.umask(old)

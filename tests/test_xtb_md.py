@@ -180,20 +180,22 @@ def test_resume_with_other_settings_or_atoms_is_refused(short_run, tmp_path):
 
 @needs_xtb
 def test_cli_writes_frames_and_names_bad_input(tmp_path, capsys):
+    from stable_md.cli import main as stable_md_main
     from stable_md.refdata.xtb_md import main
 
     out = tmp_path / "cli.extxyz"
     args = ["--smiles", "O", "-o", str(out), "--frames", "2", "--every", "2", "--equilibration", "4", "--quiet"]
-    assert main(args) == 0
+    assert stable_md_main(["data", "xtb-md"] + args) == 0
     assert len(ase.io.read(out, ":")) == 2
     assert main(args + ["--no-resume"]) == 1
     assert str(out) in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--smiles", "C1CC", "-o", str(tmp_path / "x.extxyz")])
+    assert stable_md_main(["data", "xtb-md", "--smiles", "C1CC", "-o", str(tmp_path / "x.extxyz")]) == 2
     assert "--smiles" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--structure", str(tmp_path / "missing.xyz"), "-o", str(tmp_path / "x.extxyz")])
+    assert main(["--structure", str(tmp_path / "missing.xyz"), "-o", str(tmp_path / "x.extxyz")]) == 1
     assert "missing.xyz" in capsys.readouterr().err
+    assert stable_md_main(["data", "xtb-md", "--smiles", "O", "-o", str(tmp_path / "y.extxyz"),
+                           "--every", "0"]) == 2
+    assert "--every must be >= 1" in capsys.readouterr().err
 
 
 def test_committed_ethanol_data_set():

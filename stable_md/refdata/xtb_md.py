@@ -59,6 +59,10 @@ except ImportError:  # older ase
         _mb(atoms, temperature_K=temperature_K, rng=rng)
 from tqdm import tqdm
 
+from stable_md.refdata.frame_file import append_text as _append_text
+from stable_md.refdata.frame_file import split_complete_frames as _split_complete_frames
+from stable_md.refdata.frame_file import write_atomically as _write_atomically
+
 __all__ = ["run_xtb_md", "molecule_from_smiles", "main"]
 
 # Hamiltonians tblite knows (tblite.interface.Calculator._loader).
@@ -151,70 +155,6 @@ def _snap_to_file_precision(state: ase.Atoms) -> None:
     # the old (unrounded) centre of mass.
     state.set_positions(stored.positions, apply_constraint=False)
     state.set_momenta(stored.get_momenta(), apply_constraint=False)
-
-
-def _append_text(path: Path, text: str) -> None:
-    """Append one frame with a single write and fsync, so a kill leaves at most one partial frame."""
-    with open(path, "a", encoding="ascii") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` via a temporary file and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _split_complete_frames(path: Path) -> tuple[str, bool]:
-    """Return the text of the complete frames at the start of ``path``.
-
-    Returns
-    -------
-    kept : str
-        The file up to the end of its last complete frame.
-    truncated : bool
-        True when something (a frame cut off mid-write) followed it.
-
-    A frame is complete when its atom-count line, comment line and all its atom
-    lines are there, each ending in a newline. Since frames are only ever
-    appended, only the tail can be incomplete; a malformed frame followed by
-    more text means the file is not ours and raises ``ValueError``.
-    """
-    try:
-        text = path.read_text(encoding="ascii")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not an extended XYZ file written by run_xtb_md ({exc})") from exc
-    lines = text.splitlines(keepends=True)
-    n_kept_chars = 0
-    i = 0
-    while i < len(lines):
-        head = lines[i]
-        try:
-            n_atoms = int(head)
-        except ValueError:
-            n_atoms = None
-        rest = lines[i:]
-        if n_atoms is None or n_atoms <= 0:
-            # Only a cut-off count line (no newline yet) or trailing blank
-            # lines may appear at the end; anything else is not our file.
-            if (len(rest) == 1 and not head.endswith("\n")) or all(not s.strip() for s in rest):
-                return text[:n_kept_chars], True
-            raise ValueError(
-                f"{path}: line {i + 1} should hold a positive atom count, found {head.strip()!r}; "
-                "not an extended XYZ file written by run_xtb_md"
-            )
-        frame_lines = lines[i : i + n_atoms + 2]
-        if len(frame_lines) < n_atoms + 2 or not frame_lines[-1].endswith("\n"):
-            return text[:n_kept_chars], True
-        n_kept_chars += sum(len(s) for s in frame_lines)
-        i += n_atoms + 2
-    return text, False
 
 
 def _read_existing(path: Path, template: ase.Atoms, settings: dict[str, object]) -> tuple[list[ase.Atoms], str, bool]:
@@ -475,12 +415,15 @@ def molecule_from_smiles(smiles: str, seed: int = 0) -> ase.Atoms:
     return atoms
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stable_md.refdata.xtb_md",
-        description="Langevin MD with tblite xTB; writes energies (eV) and forces (eV/Å) "
-        "to extended XYZ, resuming an existing output file.",
-    )
+DESCRIPTION = ("Langevin MD with tblite xTB (GFN2-xTB by default) of a molecule from a SMILES string (RDKit 3D "
+               "structure) or a structure file; writes frames with energies (eV), forces (eV/Å) and momenta to "
+               "extended XYZ, one frame at a time, and resumes an existing output file. Runs with one OpenMP "
+               "thread (tblite is 5-10x slower with two on small molecules): start two runs with different "
+               "--seed to use two cores.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``stable-md data xtb-md`` (and ``python -m stable_md.refdata.xtb_md``)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--smiles", help="molecule as SMILES (3D structure from RDKit)")
     source.add_argument("--structure", type=Path, help="starting structure, any file ASE reads (first frame)")
@@ -497,54 +440,47 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-resume", action="store_true",
                         help="fail if the output exists instead of continuing it")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns 0 on success, exits with a message otherwise."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+def run_from_arguments(args: argparse.Namespace) -> int:
+    """Check parsed options, build the molecule and run; ``ValueError`` names a bad option."""
     for name in ("temperature", "timestep"):
         if not getattr(args, name) > 0:
-            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
     for name, low in (("frames", 1), ("every", 1), ("equilibration", 0), ("seed", 0)):
         if getattr(args, name) < low:
-            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+            raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if args.friction < 0:
-        parser.error(f"--friction must be >= 0, got {args.friction}")
-
+        raise ValueError(f"--friction must be >= 0, got {args.friction}")
     if args.smiles is not None:
         try:
             atoms = molecule_from_smiles(args.smiles, seed=args.seed)
         except ValueError as exc:
-            parser.error(f"--smiles: {exc}")
+            raise ValueError(f"--smiles: {exc}") from exc
     else:
         if not args.structure.is_file():
-            parser.error(f"--structure: no such file {str(args.structure)!r}")
+            raise FileNotFoundError(f"--structure: no such file {str(args.structure)!r}")
         try:
             atoms = ase.io.read(args.structure, index=0)
         except Exception as exc:  # ase raises many types for unreadable files
-            parser.error(f"--structure: cannot read {str(args.structure)!r}: {exc}")
+            raise ValueError(f"--structure: cannot read {str(args.structure)!r}: {exc}") from exc
+    run_xtb_md(atoms, args.output, temperature_K=args.temperature, n_frames=args.frames, every=args.every,
+               timestep_fs=args.timestep, friction_per_fs=args.friction, equilibration_steps=args.equilibration,
+               seed=args.seed, method=args.method, progress=not args.quiet, resume=not args.no_resume)
+    print(f"wrote {args.output}")
+    return 0
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (same as ``stable-md data xtb-md``); returns 0, or 1 with a message."""
+    parser = argparse.ArgumentParser(prog="python -m stable_md.refdata.xtb_md", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        run_xtb_md(
-            atoms,
-            args.output,
-            temperature_K=args.temperature,
-            n_frames=args.frames,
-            every=args.every,
-            timestep_fs=args.timestep,
-            friction_per_fs=args.friction,
-            equilibration_steps=args.equilibration,
-            seed=args.seed,
-            method=args.method,
-            progress=not args.quiet,
-            resume=not args.no_resume,
-        )
-    except (FileExistsError, ValueError) as exc:
+        return run_from_arguments(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,533 @@
+"""``stable-md evaluate``: the paper's stability and accuracy protocol (appendix A.7-A.8) for several models.
+
+Every model runs R replicas from the same held-out starting frames with the same
+initial velocities (Nosé-Hoover at a temperature, up to a maximum time). Every
+``check_every`` steps a stability criterion is applied (bond-length deviation,
+0.5 Å, for molecules; RDF error, 3.0, for liquids); a replica that fails it is
+stopped there, and its stable time is the time of that check. Observable samples
+are taken at the checks a replica passes, so h(r) (or the RDFs) come from the
+stable part only. Reported per model:
+
+- time to instability per replica, its median and mean (replicas that stay stable
+  count with the full time, so both are lower bounds when some do), and the
+  fraction of replicas unstable against time;
+- h(r) (or RDF) of the stable part and its error ∫|h − h_ref| dr against the data's
+  (optionally Boltzmann-reweighted to the evaluation temperature, appendix A.9);
+- the VACF of the first ``vacf_window`` steps, and the self-diffusion coefficient
+  for periodic systems (MSD of the heavy atoms over the stable part);
+- energy and force MAE on held-out data frames.
+
+Held-out means: not among the training or validation frames that any of the models
+recorded (pretrain history) for this data file. Results go to ``evaluation.json`` and
+PNG figures in the output directory; each model's result is also kept in
+``models/<label>.json`` so that an interrupted evaluation resumes model by model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from stable_md.data import Dataset, load_dataset, same_file
+from stable_md.observables import (ElementRDF, diffusion_coefficient, largest_rdf_range, make_observable,
+                                   mean_squared_displacement, reference_frames, velocity_autocorrelation)
+from stable_md.potentials.model_file import read_metadata, write_json
+from stable_md.reweighting import temperature_weights
+from stable_md.stability import (EVALUATION_THRESHOLD, MIN_DISTANCE_THRESHOLD, RDF_MAE_THRESHOLD, BondGraph,
+                                 BondLengthCriterion, MinDistanceCriterion, RDFCriterion, detect_bonds)
+from stable_md.structures import spread_indices
+
+REPORT_NAME = "evaluation.json"
+MODELS_DIRECTORY = "models"
+CRITERIA = ("bond", "rdf", "imd")
+DEFAULT_THRESHOLDS = {"bond": EVALUATION_THRESHOLD, "rdf": RDF_MAE_THRESHOLD, "imd": MIN_DISTANCE_THRESHOLD}
+# Settings that must agree between a model result on disk and a resumed evaluation.
+_RESUME_KEYS = ("n_replicas", "temperature", "timestep", "total_time", "integrator", "collision_frequency",
+                "friction", "criterion", "threshold", "check_every", "observable", "seed", "rdf_window",
+                "vacf_window")
+
+
+@dataclass
+class EvaluateSettings:
+    """How models are evaluated. Units: K, fs, 1/ps, Å; intervals in MD steps."""
+
+    n_replicas: int = 64
+    temperature: float = 500.0
+    timestep: float = 0.5
+    total_time: float = 10_000.0
+    integrator: str = "nose-hoover"
+    collision_frequency: float = 10.0
+    friction: float = 1.0
+    criterion: str = "bond"
+    threshold: Optional[float] = None
+    check_every: int = 100
+    observable: str = "hr"
+    seed: int = 0
+    data_temperature: Optional[float] = None
+    error_frames: int = 1000
+    vacf_window: int = 100
+    rdf_window: int = 20
+    platform: str = "CPU"
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of {list(CRITERIA)}")
+        if self.threshold is None:
+            self.threshold = DEFAULT_THRESHOLDS[self.criterion]
+        if self.integrator not in ("nose-hoover", "langevin", "verlet"):
+            raise ValueError(f"unknown integrator {self.integrator!r}; expected nose-hoover, langevin or verlet")
+        for name in ("n_replicas", "check_every", "error_frames", "rdf_window"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.vacf_window < 0:
+            raise ValueError(f"vacf_window must be >= 0 steps (0: no VACF), got {self.vacf_window}")
+        for name in ("temperature", "timestep", "total_time", "threshold"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.data_temperature is not None and not self.data_temperature > 0:
+            raise ValueError(f"data_temperature must be positive (K), got {self.data_temperature}")
+        if self.total_time < self.check_every * self.timestep:
+            raise ValueError(f"the evaluation time ({self.total_time:g} fs) is shorter than one stability check "
+                             f"interval ({self.check_every} steps of {self.timestep:g} fs)")
+
+    @property
+    def n_steps(self) -> int:
+        return int(round(self.total_time / self.timestep))
+
+
+@dataclass
+class _ModelJob:
+    """Everything one model's evaluation needs (picklable, so it can run in another process)."""
+
+    model: str
+    label: str
+    settings: EvaluateSettings
+    numbers: np.ndarray
+    starts: np.ndarray
+    cell: Optional[np.ndarray]
+    bonds: BondGraph
+    observable_reference: np.ndarray
+    error_data: Dataset
+    output: str
+    progress: bool
+
+
+def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Dataset, output: str | os.PathLike,
+             settings: Optional[EvaluateSettings] = None, labels: Optional[Sequence[str]] = None, jobs: int = 1,
+             overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    """Evaluate ``models`` on identical held-out starts of ``data``; writes ``output``/evaluation.json and PNGs.
+
+    Returns the report (the content of evaluation.json). ``jobs`` > 1 evaluates that
+    many models at once, each in its own process with one thread.
+    """
+    settings = settings or EvaluateSettings()
+    models = [str(Path(m)) for m in models]
+    if not models:
+        raise ValueError("evaluate needs at least one model file")
+    labels = _labels(models, labels)
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other")
+    metadata = {model: read_metadata(model) for model in models}
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    for model, meta in metadata.items():
+        missing = sorted(set(dataset.numbers.tolist()) - set(int(z) for z in meta["species"]))
+        if missing:
+            raise ValueError(f"{dataset.source} contains elements the model {model} was not trained on (atomic "
+                             f"numbers {missing}; the model knows {sorted(meta['species'])})")
+    directory = Path(output)
+    _prepare(directory, overwrite, resume)
+
+    held_out, overlap_note = _held_out_frames(dataset, metadata.values())
+    cell = None if dataset.cells is None else dataset.cells[0]
+    bonds = detect_bonds(dataset.numbers, reference_frames(dataset), cell)
+    starts, start_indices = _starting_frames(dataset, held_out, settings, bonds, cell)
+    observable = make_observable(settings.observable, dataset)
+    reweighting = None
+    if settings.data_temperature is not None and not math.isclose(settings.data_temperature, settings.temperature):
+        reweighting = temperature_weights(dataset.energies, settings.data_temperature, settings.temperature)
+    reference = observable.reference(dataset, None if reweighting is None else reweighting.weights).numpy()
+    error_indices = held_out[spread_indices(len(held_out), min(len(held_out), settings.error_frames))]
+    error_data = dataset.subset(np.unique(error_indices))
+
+    plan = {
+        "data": dataset.source,
+        "frames": len(dataset),
+        "held_out_frames": int(len(held_out)),
+        "held_out_note": overlap_note,
+        "start_frames": [int(dataset.indices[i]) for i in start_indices],
+        "error_frames": int(len(error_data)),
+        "observable": observable.describe(),
+        "reference": {"temperature_K": settings.temperature,
+                      "data_temperature_K": settings.data_temperature,
+                      "reweighting": None if reweighting is None else reweighting.describe()},
+        "bonds": int(len(bonds.pairs)),
+    }
+    write_json(directory / "plan.json", {"settings": asdict(settings), **plan})
+    pending = []
+    for model, label in zip(models, labels):
+        done = _load_result(directory, label, settings, model) if resume else None
+        if done is None:
+            pending.append(_ModelJob(model=model, label=label, settings=settings, numbers=dataset.numbers,
+                                     starts=starts, cell=cell, bonds=bonds, observable_reference=reference,
+                                     error_data=error_data, output=str(directory),
+                                     progress=progress and jobs == 1))
+    _run_jobs(pending, jobs)
+    results = [_load_result(directory, label, settings, model) for model, label in zip(models, labels)]
+    report = {"settings": asdict(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
+                                                                         "values": reference.tolist()},
+              "models": results}
+    report["figures"] = [str(p) for p in _figures(report, observable, directory)]
+    write_json(directory / REPORT_NAME, report)
+    return report
+
+
+TABLE_COLUMNS = ("model", "median stable (ps)", "mean (ps)", "unstable at end", "error", "force MAE (meV/Å)",
+                 "energy MAE (meV)")
+
+
+def table_rows(report: dict) -> list[tuple[str, ...]]:
+    """One row of formatted cells per model, in :data:`TABLE_COLUMNS` order (≥ marks a median at the time cap)."""
+    rows = []
+    for result in report["models"]:
+        median = result["median_stable_time_ps"]
+        error = result["observable"]["error"]
+        rows.append((result["label"], ("≥ " if result["median_censored"] else "") + f"{median:.2f}",
+                     f"{result['mean_stable_time_ps']:.2f}", f"{result['n_unstable']}/{result['n_replicas']}",
+                     "n/a" if error is None else f"{error:.4f}", f"{result['errors']['force_mae_meV_per_A']:.1f}",
+                     f"{result['errors']['energy_mae_meV']:.1f}"))
+    return rows
+
+
+def summary_table(report: dict) -> list[str]:
+    """The comparison table of a report as fixed-width lines, as printed by the CLI."""
+    name = "h(r)" if report["observable"]["name"] == "hr" else report["observable"]["name"]
+    columns = [c if c != "error" else f"{name} error" for c in TABLE_COLUMNS]
+    widths = [max(22, *(len(row[0]) + 2 for row in table_rows(report)))] + [len(c) + 3 for c in columns[1:]]
+    lines = ["".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(columns, widths)))]
+    for row in table_rows(report):
+        lines.append("".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths))))
+    total = report["settings"]["total_time"] / 1000.0
+    lines.append(f"(stable times are capped at the {total:g} ps evaluated; ≥ marks a median reached by the cap)")
+    return lines
+
+
+# -- set-up -------------------------------------------------------------------------------------------------------
+
+def _labels(models: list[str], labels: Optional[Sequence[str]]) -> list[str]:
+    if labels:
+        if len(labels) != len(models):
+            raise ValueError(f"{len(models)} models but {len(labels)} labels; give one --label per model")
+        chosen = [str(label) for label in labels]
+    else:
+        chosen = [Path(m).name.removesuffix(".pt") for m in models]
+    bad = [label for label in chosen if not label or "/" in label or label.startswith(".")]
+    if bad:
+        raise ValueError(f"labels must be non-empty file-name-safe words, got {bad}")
+    if len(set(chosen)) != len(chosen):
+        if labels:
+            raise ValueError(f"labels must be distinct, got {chosen}")
+        chosen = [f"{k}-{label}" for k, label in enumerate(chosen)]
+    return chosen
+
+
+def _prepare(directory: Path, overwrite: bool, resume: bool) -> None:
+    ours = [directory / REPORT_NAME, directory / "plan.json", directory / MODELS_DIRECTORY]
+    ours += sorted(directory.glob("*.png")) if directory.is_dir() else []
+    existing = [p for p in ours if p.exists()]
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory; choose another --output")
+    if resume:
+        if not (directory / MODELS_DIRECTORY).is_dir():
+            raise FileNotFoundError(f"cannot resume: {directory} holds no earlier evaluation")
+        return
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} already holds an evaluation ({existing[0].name}, ...); pass --overwrite "
+                              f"to replace it or --resume to finish it")
+    for path in existing:
+        if path.is_dir():
+            for child in path.glob("*.json"):
+                child.unlink()
+            path.rmdir()
+        else:
+            path.unlink()
+    (directory / MODELS_DIRECTORY).mkdir(parents=True, exist_ok=True)
+
+
+def _held_out_frames(data: Dataset, metadata: Sequence[dict]) -> tuple[np.ndarray, str]:
+    """Positions in ``data`` of frames no model trained or validated on (from their pretrain history)."""
+    used: set[int] = set()
+    recorded = 0
+    for meta in metadata:
+        for entry in meta.get("history", []):
+            if entry.get("stage") != "pretrain" or not same_file(entry.get("data"), data.source):
+                continue
+            recorded += 1
+            used.update(int(i) for i in entry.get("train_indices", []))
+            used.update(int(i) for i in entry.get("val_indices", []))
+    keep = np.array([int(index) not in used for index in data.indices], dtype=bool)
+    if recorded == 0:
+        return np.arange(len(data)), ("no model records pretraining on this file, so every frame counts as held "
+                                      "out; starts and errors may overlap the models' training data")
+    if not keep.any():
+        raise ValueError(f"every frame of {data.source} was used to train or validate one of the models; evaluate on "
+                         f"a file with held-out frames")
+    return np.flatnonzero(keep), f"{int(keep.sum())} frames no model trained or validated on"
+
+
+def _criterion(settings: EvaluateSettings, bonds, cell, numbers, reference_rdf=None):
+    if settings.criterion == "bond":
+        return BondLengthCriterion(bonds, settings.threshold, cell)
+    if settings.criterion == "imd":
+        return MinDistanceCriterion(bonds, settings.threshold, cell)
+    if cell is None:
+        raise ValueError("--criterion rdf needs a periodic box; use --criterion bond for molecules")
+    rdf = ElementRDF(numbers, r_max=largest_rdf_range(cell))
+    return RDFCriterion(rdf, reference_rdf, cell, settings.rdf_window, settings.threshold)
+
+
+def _starting_frames(data: Dataset, held_out: np.ndarray, settings: EvaluateSettings, bonds, cell
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """R held-out frames spread over the set, skipping frames that already fail the bond criterion."""
+    candidates = held_out
+    if settings.criterion in ("bond", "imd"):
+        check = _criterion(settings, bonds, cell, data.numbers)
+        candidates = held_out[~check(data.positions[held_out])]
+        if len(candidates) == 0:
+            raise ValueError(f"every held-out frame of {data.source} already fails the {settings.criterion} criterion "
+                             f"at {settings.threshold:g} Å; raise --threshold")
+    chosen = candidates[spread_indices(len(candidates), settings.n_replicas)]
+    if cell is not None and not np.allclose(data.cells[chosen], cell, atol=1e-6):
+        raise ValueError(f"{data.source}: the frames have different boxes; evaluation runs at constant volume")
+    return data.positions[chosen], chosen
+
+
+# -- one model ------------------------------------------------------------------------------------------------------
+
+def _run_jobs(jobs_to_run: list[_ModelJob], jobs: int) -> None:
+    if jobs == 1 or len(jobs_to_run) <= 1:
+        for job in jobs_to_run:
+            _evaluate_model(job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a forked child would inherit torch's and OpenMM's threads and state.
+    with ProcessPoolExecutor(max_workers=min(jobs, len(jobs_to_run)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        for label in pool.map(_evaluate_model, jobs_to_run):
+            print(f"evaluated {label}", flush=True)
+
+
+def _evaluate_model(job: _ModelJob) -> str:
+    """Run one model's replicas and write ``models/<label>.json``; returns the label."""
+    from stable_md._threads import limit_threads
+
+    limit_threads()
+    from openmm_bridge.replicas import ReplicaSet
+    from stable_md.potentials import load_model
+    from stable_md.pretrain import prediction_errors
+
+    s = job.settings
+    started = time.perf_counter()
+    model = load_model(job.model)
+    errors = prediction_errors(model.module, job.error_data)
+    criterion = _criterion(s, job.bonds, job.cell, job.numbers,
+                           reference_rdf=job.observable_reference if s.criterion == "rdf" else None)
+    observable = _observable_for(job)
+    replicas = ReplicaSet(model, job.numbers, job.starts, cell=job.cell, integrator=s.integrator,
+                          temperature=s.temperature, timestep=s.timestep, friction=s.friction,
+                          collision_frequency=s.collision_frequency, seed=s.seed, platform=s.platform,
+                          check_interval=min(s.check_every, 50))
+    n_replicas = len(job.starts)
+    observable_sum = np.zeros(len(job.observable_reference))
+    observable_count = 0
+    samples_per_replica = np.zeros(n_replicas, dtype=np.int64)
+    periodic = job.cell is not None
+    heavy = np.flatnonzero(job.numbers > 1) if (job.numbers > 1).any() else np.arange(len(job.numbers))
+    unwrapped: list[np.ndarray] = []
+    last_positions = [None]
+
+    def check(frames) -> None:
+        nonlocal observable_sum, observable_count
+        positions = frames.positions
+        running = frames.running.copy()
+        broken = np.flatnonzero(criterion(positions) & running)
+        if len(broken):
+            if isinstance(criterion, RDFCriterion):  # its reasons cover every replica of the recorded window
+                reasons = [criterion.reasons(positions)[r] for r in broken]
+            else:
+                reasons = criterion.reasons(positions[broken])
+            replicas.mark_unstable(broken, reasons)
+        passing = running & ~replicas.unstable
+        if passing.any():
+            values = observable(positions[passing], job.cell).numpy()
+            observable_sum += values.sum(axis=0)
+            observable_count += len(values)
+            samples_per_replica[passing] += 1
+        if periodic:
+            if last_positions[0] is None:
+                unwrapped.append(positions[:, heavy].copy())
+            else:
+                step = positions[:, heavy] - last_positions[0]
+                fractional = step @ np.linalg.inv(job.cell)
+                step = (fractional - np.round(fractional)) @ job.cell
+                unwrapped.append(unwrapped[-1] + step)
+            last_positions[0] = positions[:, heavy].copy()
+
+    check(replicas.frames())
+    vacf = None
+    velocities: list[np.ndarray] = []
+    bar = _bar(job, s.n_steps)
+    try:
+        # The VACF needs velocities at every step, so its window runs step by step without callbacks.
+        for _ in range(min(s.vacf_window, s.n_steps)):
+            if replicas.frozen.all():
+                break
+            replicas.run(1)
+            velocities.append(replicas.velocities())
+            if bar is not None:
+                bar.update(1)
+            if replicas.step % s.check_every == 0:
+                check(replicas.frames())
+        if velocities:
+            vacf = _vacf(np.stack(velocities, axis=1), ~replicas.unstable, s)
+
+        def advance(steps: int) -> None:
+            if bar is not None:
+                bar.update(steps)
+                bar.set_postfix(unstable=int(replicas.unstable.sum()), refresh=False)
+
+        replicas.run(s.n_steps - replicas.step, callback=check, every=s.check_every, progress=advance)
+    finally:
+        if bar is not None:
+            bar.close()
+    # A replica that never failed ran the whole time (the run only ends early when all have failed).
+    stable_steps = np.where(replicas.unstable, replicas.unstable_step, s.n_steps)
+    stable_ps = stable_steps * s.timestep / 1000.0
+    total_ps = s.n_steps * s.timestep / 1000.0
+    median = float(np.median(stable_ps))
+    mean_curve = observable_sum / max(observable_count, 1)
+    width = float(observable.x[1] - observable.x[0])
+    error = float(np.abs(mean_curve - job.observable_reference).sum() * width) if observable_count else None
+    times = np.arange(0, s.n_steps + 1, s.check_every) * s.timestep / 1000.0
+    fraction = [float(np.mean(replicas.unstable & (stable_ps <= t + 1e-9))) for t in times]
+    result: dict[str, Any] = {
+        "label": job.label,
+        "model": job.model,
+        "settings": asdict(s),
+        "n_replicas": n_replicas,
+        "stable_time_ps": stable_ps.tolist(),
+        "unstable": replicas.unstable.tolist(),
+        "reasons": {str(k): v for k, v in sorted(replicas.reasons.items())},
+        "n_unstable": int(replicas.unstable.sum()),
+        "unstable_fraction_end": float(replicas.unstable.mean()),
+        "median_stable_time_ps": median,
+        "median_censored": bool(median >= total_ps - 1e-9),
+        "mean_stable_time_ps": float(stable_ps.mean()),
+        "unstable_fraction_curve": {"time_ps": times.tolist(), "fraction": fraction},
+        "observable": {"name": observable.name, "x": observable.x.tolist(), "mean": mean_curve.tolist(),
+                       "samples": int(observable_count), "error": error,
+                       "error_definition": "∫|g − g_ref| dr over the bins (0: identical)"},
+        "vacf": vacf,
+        "diffusion": _diffusion(unwrapped, samples_per_replica, s) if periodic else None,
+        "errors": errors,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_json(Path(job.output) / MODELS_DIRECTORY / f"{job.label}.json", result)
+    return job.label
+
+
+def _observable_for(job: _ModelJob):
+    """The evaluation observable, rebuilt in the worker (bins as in :func:`make_observable`)."""
+    if job.settings.observable == "hr":
+        from stable_md.observables import DistanceDistribution
+
+        return DistanceDistribution(len(job.numbers))
+    if job.settings.observable == "rdf":
+        return ElementRDF(job.numbers, r_max=largest_rdf_range(job.cell))
+    raise ValueError(f"evaluate supports the observables hr and rdf, got {job.settings.observable!r}")
+
+
+def _vacf(velocities: np.ndarray, stable: np.ndarray, s: EvaluateSettings) -> Optional[dict]:
+    """Mean normalised VACF over the replicas still stable after the window; velocities [R, T, N, 3]."""
+    chosen = np.flatnonzero(stable)
+    window = velocities.shape[1]
+    if len(chosen) == 0 or window < 2:
+        return None
+    curves = np.stack([velocity_autocorrelation(velocities[r], window=window // 2) for r in chosen])
+    lags = np.arange(curves.shape[1]) * s.timestep
+    return {"lag_fs": lags.tolist(), "mean": curves.mean(axis=0).tolist(),
+            "std": curves.std(axis=0).tolist(), "replicas": int(len(chosen))}
+
+
+def _diffusion(unwrapped: list[np.ndarray], samples: np.ndarray, s: EvaluateSettings) -> Optional[dict]:
+    """Self-diffusion coefficient (m²/s) of the heavy atoms per replica over its stable checks."""
+    if not unwrapped:
+        return None
+    trajectory = np.stack(unwrapped, axis=1)  # [R, T, heavy, 3]
+    interval = s.check_every * s.timestep
+    values = []
+    for r, n_frames in enumerate(samples):
+        if n_frames < 10:
+            continue
+        msd = mean_squared_displacement(trajectory[r, :n_frames], max_lag=n_frames // 2)
+        values.append(diffusion_coefficient(msd, interval))
+    if not values:
+        return None
+    return {"mean_m2_per_s": float(np.mean(values)), "std_m2_per_s": float(np.std(values)),
+            "per_replica_m2_per_s": [float(v) for v in values], "frame_interval_fs": interval}
+
+
+def _bar(job: _ModelJob, total: int):
+    if not job.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", desc=f"evaluate {job.label}", dynamic_ncols=True)
+
+
+def _load_result(directory: Path, label: str, settings: EvaluateSettings, model: str) -> Optional[dict]:
+    path = directory / MODELS_DIRECTORY / f"{label}.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    recorded = result.get("settings", {})
+    current = asdict(settings)
+    different = [key for key in _RESUME_KEYS if recorded.get(key) != current.get(key)]
+    if different or result.get("model") != model:
+        raise ValueError(f"cannot resume {directory}: {path.name} was made with other settings "
+                         f"({', '.join(different) or 'model file'} differ); use --overwrite")
+    return result
+
+
+# -- figures ------------------------------------------------------------------------------------------------------
+
+def _figures(report: dict, observable, directory: Path) -> list[Path]:
+    from stable_md import plots
+
+    results = report["models"]
+    temperature = report["settings"]["temperature"]
+    paths = [
+        plots.stability_curves_figure({r["label"]: r["unstable_fraction_curve"] for r in results},
+                                      directory / "stability.png", title=f"{temperature:g} K"),
+        plots.stable_time_figure({r["label"]: r["stable_time_ps"] for r in results},
+                                 report["settings"]["total_time"] / 1000.0, directory / "stable_times.png"),
+    ]
+    curves = {r["label"]: np.asarray(r["observable"]["mean"]) for r in results if r["observable"]["samples"]}
+    if curves:
+        paths.append(plots.observable_figure(np.asarray(report["reference_curve"]["x"]),
+                                             np.asarray(report["reference_curve"]["values"]), curves,
+                                             directory / f"{observable.name}.png", observable.x_label,
+                                             observable.y_label, title=f"stable part of the runs, {temperature:g} K"))
+    vacfs = {r["label"]: r["vacf"] for r in results if r.get("vacf")}
+    if vacfs:
+        paths.append(plots.vacf_figure(vacfs, directory / "vacf.png"))
+    return paths

@@ -1,0 +1,114 @@
+"""stable-md evaluate: identical held-out starts, stable times, observable errors, reweighting, resume, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stable_md.cli import main
+from stable_md.evaluation import EvaluateSettings, evaluate
+from stable_md.reweighting import temperature_weights
+from stable_md.units import KB_EV_PER_K
+
+pytest.importorskip("openmm")
+
+QUICK = dict(n_replicas=6, total_time=300.0, check_every=20, vacf_window=40, error_frames=40)
+
+
+def test_temperature_weights_reproduce_a_harmonic_oscillator_at_another_temperature():
+    rng = np.random.default_rng(0)
+    k = 2.0  # eV/Å²
+    t1, t2 = 500.0, 350.0
+    x = rng.normal(0.0, np.sqrt(KB_EV_PER_K * t1 / k), size=200_000)
+    energies = 0.5 * k * x ** 2 - 1500.0  # absolute offsets must not matter
+    reweighted = temperature_weights(energies, t1, t2)
+    assert np.isclose(reweighted.weights.sum(), 1.0)
+    assert (reweighted.weights * x ** 2).sum() == pytest.approx(KB_EV_PER_K * t2 / k, rel=0.01)
+    assert 0.5 * len(x) < reweighted.effective_samples < len(x)
+    same = temperature_weights(energies, t1, t1)
+    assert same.effective_samples == pytest.approx(len(x), rel=1e-9)
+    with pytest.raises(ValueError, match="to_temperature"):
+        temperature_weights(energies, t1, 0.0)
+
+
+def test_two_copies_of_a_model_see_identical_held_out_starts(tmp_path, pretrained_model, ethanol):
+    report = evaluate([pretrained_model, pretrained_model], ethanol, tmp_path / "eval",
+                      EvaluateSettings(**QUICK), labels=["a", "b"], progress=False)
+    a, b = report["models"]
+    # Same starts and velocities, same model: the same trajectories and verdicts.
+    assert a["stable_time_ps"] == b["stable_time_ps"]
+    assert a["observable"]["mean"] == b["observable"]["mean"]
+    assert a["errors"] == b["errors"]
+
+    from stable_md.potentials import read_metadata
+
+    history = read_metadata(pretrained_model)["history"][0]
+    trained = set(history["train_indices"]) | set(history["val_indices"])
+    assert len(report["start_frames"]) == 6 and not trained & set(report["start_frames"])
+    assert report["held_out_frames"] == len(ethanol) - len(trained)
+
+    total_ps = QUICK["total_time"] / 1000.0
+    times = np.array(a["stable_time_ps"])
+    assert np.all((times >= 0) & (times <= total_ps + 1e-9))
+    assert a["n_unstable"] == int(np.sum(a["unstable"])) == int(np.sum(times < total_ps - 1e-9))
+    assert a["median_stable_time_ps"] == pytest.approx(np.median(times))
+    fraction = np.array(a["unstable_fraction_curve"]["fraction"])
+    assert np.all(np.diff(fraction) >= 0) and fraction[-1] == pytest.approx(a["unstable_fraction_end"])
+
+    # The h(r) error is ∫|h − h_ref| dr of the stored curves.
+    x = np.array(a["observable"]["x"])
+    mean, reference = np.array(a["observable"]["mean"]), np.array(report["reference_curve"]["values"])
+    assert a["observable"]["samples"] > 0
+    assert a["observable"]["error"] == pytest.approx(np.abs(mean - reference).sum() * (x[1] - x[0]))
+    assert np.trapezoid(mean, x) == pytest.approx(1.0, abs=0.02)
+    for name in ("stability.png", "stable_times.png", "hr.png", "evaluation.json"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["models"][0]["label"] == "a"
+
+
+def test_reweighted_reference_and_resume(tmp_path, pretrained_model, ethanol):
+    settings = EvaluateSettings(**{**QUICK, "n_replicas": 3, "vacf_window": 0}, temperature=350.0,
+                                data_temperature=500.0)
+    first = evaluate([pretrained_model], ethanol, tmp_path / "cold", settings, labels=["m"], progress=False)
+    reweighting = first["reference"]["reweighting"]
+    assert reweighting["to_temperature_K"] == 350.0 and 1 < reweighting["effective_samples"] < len(ethanol)
+    plain = evaluate([pretrained_model], ethanol, tmp_path / "plain",
+                     EvaluateSettings(**{**QUICK, "n_replicas": 3, "vacf_window": 0}, temperature=350.0),
+                     labels=["m"], progress=False)
+    assert plain["reference"]["reweighting"] is None
+    assert not np.allclose(first["reference_curve"]["values"], plain["reference_curve"]["values"])
+
+    # Nothing is silently replaced; --resume keeps finished models as they are.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate([pretrained_model], ethanol, tmp_path / "cold", settings, labels=["m"], progress=False)
+    resumed = evaluate([pretrained_model], ethanol, tmp_path / "cold", settings, labels=["m"], resume=True,
+                       progress=False)
+    assert resumed["models"][0]["wall_seconds"] == first["models"][0]["wall_seconds"]
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate([pretrained_model], ethanol, tmp_path / "cold", EvaluateSettings(**QUICK), labels=["m"],
+                 resume=True, progress=False)
+
+
+def test_cli_evaluate_prints_the_table_and_names_bad_input(tmp_path, pretrained_model, ethanol_path, capsys):
+    out = tmp_path / "cli"
+    args = ["evaluate", str(pretrained_model), "--data", str(ethanol_path), "-o", str(out), "--replicas", "4",
+            "--time", "0.2ps", "--check-every", "20", "--vacf-window", "20", "--error-frames", "20", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "median stable (ps)" in printed and "ethanol_schnet" in printed and "evaluation.json" in printed
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args[:4] + ["-o", str(tmp_path / "x"), "--label", "a", "--label", "b"]) == 2
+    assert "1 models but 2 labels" in capsys.readouterr().err
+    assert main(args[:4] + ["-o", str(tmp_path / "y"), "--criterion", "rdf"]) == 2
+    assert "periodic box" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_elements_the_model_does_not_know(tmp_path, pretrained_model, ethanol):
+    from stable_md.data import Dataset
+
+    other = Dataset(positions=ethanol.positions[:50], numbers=np.where(ethanol.numbers == 8, 7, ethanol.numbers),
+                    energies=ethanol.energies[:50], forces=ethanol.forces[:50], source="nitrogen.xyz")
+    with pytest.raises(ValueError, match=r"nitrogen.xyz contains elements .*\[7\]"):
+        evaluate([pretrained_model], other, tmp_path / "n", EvaluateSettings(**QUICK), progress=False)

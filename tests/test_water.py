@@ -1,0 +1,76 @@
+"""stable-md data water (SPC/Fw in OpenMM) and the periodic path of evaluate (RDF criterion, diffusivity)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openmm")
+
+from openmm_bridge.water import box_length, run_water_md  # noqa: E402
+from stable_md.data import load_dataset  # noqa: E402
+
+SMALL = dict(n_molecules=32, n_frames=12, every=20, equilibration_steps=500, progress=False)
+
+
+@pytest.fixture(scope="module")
+def water_file(tmp_path_factory):
+    return run_water_md(tmp_path_factory.mktemp("water") / "water.extxyz", **SMALL)
+
+
+def test_water_frames_are_labelled_spcfw(water_file):
+    data = load_dataset(water_file)
+    assert len(data) == 12 and data.periodic and data.n_atoms == 96
+    assert np.allclose(data.cells[0], np.eye(3) * box_length(32, 0.997))
+    assert box_length(64, 0.997) == pytest.approx(12.42, abs=0.01)
+    oxygens = np.flatnonzero(data.numbers == 8)
+    bonds = data.positions[:, oxygens + 1] - data.positions[:, oxygens]
+    # SPC/Fw: r0 = 1.012 Å; at 300 K the mean O-H length is slightly longer.
+    assert 1.0 < np.linalg.norm(bonds, axis=-1).mean() < 1.06
+    assert np.isfinite(data.forces).all() and 0.1 < np.abs(data.forces).mean() < 3.0
+    # Liquid SPC/Fw water: about -41 kJ/mol = -0.43 eV per molecule (intramolecular energy included).
+    assert -0.55 < data.energies.mean() / 32 < -0.3
+
+
+def test_water_run_resumes_and_drops_a_torn_frame(tmp_path):
+    path = tmp_path / "w.extxyz"
+    run_water_md(path, **{**SMALL, "n_frames": 4})
+    before = path.read_text()
+    with open(path, "a") as handle:
+        handle.write("96\nLattice=\"1 0 0")  # a frame cut off mid-write
+    run_water_md(path, **{**SMALL, "n_frames": 6})
+    after = path.read_text()
+    assert after.startswith(before) and len(load_dataset(path)) == 6
+    with pytest.raises(ValueError, match="w.extxyz, frame 1: holds other atoms"):
+        run_water_md(path, **{**SMALL, "n_molecules": 30, "n_frames": 8})
+    with pytest.raises(ValueError, match="md_temperature_K"):
+        run_water_md(path, **{**SMALL, "n_frames": 8}, temperature=350.0)
+    with pytest.raises(FileExistsError):
+        run_water_md(path, **SMALL, resume=False)
+
+
+def test_evaluate_a_water_model_with_the_rdf_criterion(tmp_path, water_file):
+    from stable_md.evaluation import EvaluateSettings, evaluate
+    from stable_md.pretrain import PretrainSettings, SplitSettings, pretrain
+
+    data = load_dataset(water_file)
+    model = tmp_path / "water.pt"
+    pretrain(data, "schnet", model, split=SplitSettings(n_train=8, n_val=2, n_test=2, seed=0),
+             settings=PretrainSettings(epochs=3, lr=3e-3, batch_size=4, seed=0),
+             hyperparameters={"hidden_channels": 16, "num_filters": 16, "num_interactions": 1, "num_gaussians": 16,
+                              "cutoff": 4.0}, progress=False)
+    settings = dict(n_replicas=2, temperature=300.0, timestep=0.5, total_time=150.0, criterion="rdf", rdf_window=3,
+                    check_every=10, observable="rdf", vacf_window=20, error_frames=2)
+    # A strict threshold stops both replicas of this barely trained model, naming the RDF.
+    strict = evaluate([model], data, tmp_path / "strict", EvaluateSettings(**settings, threshold=0.5), progress=False)
+    assert strict["models"][0]["n_unstable"] == 2
+    assert all("RDF error" in reason for reason in strict["models"][0]["reasons"].values())
+    # A loose one lets them run: RDFs of the stable part and a diffusivity from their MSD.
+    report = evaluate([model], data, tmp_path / "eval", EvaluateSettings(**settings, threshold=50.0), progress=False)
+    result = report["models"][0]
+    assert report["observable"]["name"] == "rdf" and result["observable"]["samples"] > 0
+    assert np.isfinite(result["observable"]["error"])
+    assert result["n_unstable"] < 2, result["reasons"]
+    diffusion = result["diffusion"]
+    assert diffusion is not None and diffusion["frame_interval_fs"] == 5.0
+    assert np.isfinite(diffusion["mean_m2_per_s"]) and diffusion["mean_m2_per_s"] > 0
+    assert (tmp_path / "eval" / "rdf.png").exists()
