@@ -77,10 +77,12 @@ def main() -> int:
     print(f"{'mean stable time (ps)':<30}{before['mean_stable_time_ps']:>12.2f}{after['mean_stable_time_ps']:>12.2f}")
     print(f"{'unstable at the end':<30}{before['n_unstable']:>9d}/{before['n_replicas']:<2d}"
           f"{after['n_unstable']:>9d}/{after['n_replicas']:<2d}")
-    print(f"{'h(r) error ∫|h − h_ref| dr':<30}{before['observable']['error']:>12.4f}{after['observable']['error']:>12.4f}")
+    print(f"{'h(r) error ∫|h − h_ref| dr':<30}{before['observable']['error']:>12.4f}"
+          f"{after['observable']['error']:>12.4f}")
     print(f"{'force MAE (meV/Å)':<30}{before['errors']['force_mae_meV_per_A']:>12.1f}"
           f"{after['errors']['force_mae_meV_per_A']:>12.1f}")
-    print(f"{'energy MAE (meV)':<30}{before['errors']['energy_mae_meV']:>12.1f}{after['errors']['energy_mae_meV']:>12.1f}")
+    print(f"{'energy MAE (meV)':<30}{before['errors']['energy_mae_meV']:>12.1f}"
+          f"{after['errors']['energy_mae_meV']:>12.1f}")
     total = report["settings"]["total_time"] / 1000.0
     print(f"(stable times are capped at the {total:g} ps evaluated)")
     print("\nplots:")

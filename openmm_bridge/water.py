@@ -38,7 +38,7 @@ def box_length(n_molecules: int, density: float) -> float:
 
 
 def build_box(n_molecules: int, density: float, seed: int = 0) -> tuple[app.Topology, np.ndarray, float]:
-    """Topology, positions [3n, 3] Å (O, H1, H2 per molecule) and box edge (Å) of randomly oriented waters on a grid."""
+    """Randomly oriented waters on a grid: topology, positions [3n, 3] Å (O, H1, H2 each) and box edge (Å)."""
     if n_molecules < 2:
         raise ValueError(f"a water box needs at least 2 molecules, got {n_molecules}")
     if not density > 0:
@@ -214,6 +214,7 @@ def _resume(output: Path, checkpoint: Path, context: openmm.Context, settings: d
         # Killed between the checkpoint and the frame it belongs to: write that frame now.
         append_text(output, _frame_text(context, numbers, cell, settings, frame))
     elif frame != len(frames):
-        raise ValueError(f"cannot resume {output}: it holds {len(frames)} frames but its checkpoint is at frame {frame}")
+        raise ValueError(f"cannot resume {output}: it holds {len(frames)} frames but its checkpoint is at "
+                         f"frame {frame}")
     return frame
 

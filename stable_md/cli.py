@@ -483,6 +483,8 @@ def _refine(args: argparse.Namespace) -> int:
                     resume=args.resume, progress=not args.no_progress)
     summary = result.summary
     print(summary["message"])
+    if summary.get("advice"):
+        print(f"note: {summary['advice']}")
     before, after = summary["test_errors_before"], summary["test_errors_after"]
     if before and after:
         print(f"held-out force MAE: {before['force_mae_meV_per_A']:.1f} -> {after['force_mae_meV_per_A']:.1f} "

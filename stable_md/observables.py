@@ -295,7 +295,8 @@ class MinIntermolecularDistance(Observable):
 
 
 def largest_rdf_range(cell: np.ndarray, limit: float = 6.0) -> float:
-    """Largest RDF range (Å) the box ``cell [3, 3]`` (Å) allows: just under half its shortest height, at most ``limit``."""
+    """Largest RDF range (Å) the box ``cell [3, 3]`` (Å) allows: just under half its shortest height, at most
+    ``limit``."""
     cell = np.asarray(cell, dtype=np.float64)
     volume = abs(float(np.linalg.det(cell)))
     heights = [volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)]

@@ -51,6 +51,12 @@ OPTIMIZERS = ("sgd", "adam")
 BUDGET_KEYS = ("max_cycles", "max_epochs", "max_simulation_time", "max_wall_time")
 
 
+# Below this median share of the total gradient the observable term does not steer learning; advice aims at
+# the share seen where refinement stabilized ethanol (about a third).
+OBSERVABLE_GRADIENT_SHARE_LOW = 0.05
+OBSERVABLE_GRADIENT_SHARE_TARGET = 0.3
+
+
 class RefineError(ValueError):
     """Refinement cannot go on with these inputs or settings; the message says what to change."""
 
@@ -554,6 +560,21 @@ class _Refinement:
         truncate_jsonl_log(self.directory / LOG_NAME, self.state["epoch"])
 
     # -- the end ---------------------------------------------------------------------------------------
+    def _weight_advice(self) -> Optional[str]:
+        """A hint when the observable gradient was too small next to the energy/force gradient to steer learning."""
+        ratios = [row["observable_grad_norm"] / row["grad_norm"] for row in self.history
+                  if row["phase"] == "learning" and row.get("grad_norm") and "observable_grad_norm" in row]
+        if not ratios or self.settings.qm_weight == 0:
+            return None
+        ratio = float(np.median(ratios))
+        if ratio >= OBSERVABLE_GRADIENT_SHARE_LOW:
+            return None
+        factor = OBSERVABLE_GRADIENT_SHARE_TARGET / max(ratio, 1e-12)
+        weights = ", ".join(f"{w * factor:.3g}" for w in self.settings.observable_weights)
+        return (f"the observable gradient was only {100 * ratio:.1g}% of the total gradient (median over learning "
+                f"epochs), so the energy/force term decided almost every step; try --obs-weight {weights} (or a "
+                f"--qm-weight {factor:.3g} times smaller)")
+
     def _finish(self) -> RefineResult:
         from stable_md import plots
 
@@ -571,6 +592,7 @@ class _Refinement:
                        f"{self.state['simulated_steps'] * s.timestep / 1000:g} ps of simulation; the model is unchanged")
         summary = {
             "message": message,
+            "advice": self._weight_advice(),
             "stopped_by": self.state["stopped_by"],
             "refined": learned,
             "cycles": self.state["cycle"],

@@ -183,3 +183,17 @@ def test_refine_stabilizes_a_weak_model_on_held_out_starts(tmp_path, ethanol):
     errors_before = result.summary["test_errors_before"]["force_mae_meV_per_A"]
     errors_after = result.summary["test_errors_after"]["force_mae_meV_per_A"]
     assert errors_after < 1.25 * errors_before
+
+
+def test_refine_advises_a_larger_observable_weight_when_the_observable_cannot_steer(tmp_path, pretrained_model,
+                                                                                    ethanol_path):
+    result = refine(pretrained_model, ethanol_path, tmp_path / "weak.stable.pt",
+                    quick_settings(observable_weights=[1e-6], max_cycles=1, max_epochs=2), progress=False)
+    learning = [row for row in result.history if row["phase"] == "learning"]
+    assert learning and all(row["observable_grad_norm"] < 0.05 * row["grad_norm"] for row in learning)
+    assert "--obs-weight" in result.summary["advice"]
+    suggested = float(result.summary["advice"].split("--obs-weight ")[1].split()[0])
+    assert suggested > 1e-4  # at least a hundred times the weight that was too small
+    balanced = refine(pretrained_model, ethanol_path, tmp_path / "ok.stable.pt",
+                      quick_settings(max_cycles=1, max_epochs=2, qm_weight=0.0), progress=False)
+    assert balanced.summary["advice"] is None
