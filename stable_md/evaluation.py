@@ -210,9 +210,10 @@ def summary_table(report: dict) -> list[str]:
     """The comparison table of a report as fixed-width lines, as printed by the CLI."""
     name = "h(r)" if report["observable"]["name"] == "hr" else report["observable"]["name"]
     columns = [c if c != "error" else f"{name} error" for c in TABLE_COLUMNS]
-    widths = [max(22, *(len(row[0]) + 2 for row in table_rows(report)))] + [len(c) + 3 for c in columns[1:]]
+    rows = table_rows(report)
+    widths = [max(22, *(len(row[0]) + 2 for row in rows))] + [len(c) + 3 for c in columns[1:]]
     lines = ["".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(columns, widths)))]
-    for row in table_rows(report):
+    for row in rows:
         lines.append("".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths))))
     total = report["settings"]["total_time"] / 1000.0
     lines.append(f"(stable times are capped at the {total:g} ps evaluated; ≥ marks a median reached by the cap)")
@@ -362,7 +363,8 @@ def _evaluate_model(job: _ModelJob) -> str:
         broken = np.flatnonzero(criterion(positions) & running)
         if len(broken):
             if isinstance(criterion, RDFCriterion):  # its reasons cover every replica of the recorded window
-                reasons = [criterion.reasons(positions)[r] for r in broken]
+                every_reason = criterion.reasons(positions)
+                reasons = [every_reason[r] for r in broken]
             else:
                 reasons = criterion.reasons(positions[broken])
             replicas.mark_unstable(broken, reasons)

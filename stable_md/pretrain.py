@@ -115,9 +115,13 @@ def fit_energy_shifts(data: Dataset, species: list[int]) -> np.ndarray:
     Least squares over composition counts; when every frame has the same composition the
     problem is degenerate and the minimum-norm solution is used (only the sum matters).
     """
-    counts = np.array([[np.count_nonzero(data.numbers == z) for z in species]], dtype=np.float64)
-    counts = np.repeat(counts, len(data), axis=0)
-    shifts, *_ = np.linalg.lstsq(counts, data.energies, rcond=None)
+    return _composition_fit(data.numbers, data.energies, species)
+
+
+def _composition_fit(numbers: np.ndarray, energies: np.ndarray, species: list[int]) -> np.ndarray:
+    """Least-squares per-species energies [S] (eV) for frames ``energies [F]`` of atoms ``numbers [N]``."""
+    counts = np.array([[np.count_nonzero(numbers == z) for z in species]], dtype=np.float64)
+    shifts, *_ = np.linalg.lstsq(np.repeat(counts, len(energies), axis=0), energies, rcond=None)
     return shifts
 
 
@@ -146,9 +150,7 @@ def refit_energy_shifts(potential: Potential, train: Dataset, batch_size: int = 
     for batch in DatasetTensors(train, dtype).batches(batch_size):
         energy, _ = energy_and_forces(potential, batch.positions, batch.numbers, batch.cells)
         residuals.append((batch.energies - energy.detach()).double())
-    residual = Dataset(positions=train.positions, numbers=train.numbers, energies=torch.cat(residuals).numpy(),
-                       forces=train.forces, cells=train.cells, source=train.source)
-    correction = fit_energy_shifts(residual, species)
+    correction = _composition_fit(train.numbers, torch.cat(residuals).numpy(), species)
     with torch.no_grad():
         potential.energy_shift.add_(torch.as_tensor(correction, dtype=dtype))
     return dict(zip(map(str, species), map(float, potential.energy_shift.double().tolist())))

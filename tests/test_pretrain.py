@@ -124,3 +124,22 @@ def test_cli_refuses_to_overwrite_and_reports_bad_input(tmp_path, ethanol_path, 
     args[args.index("--n-train") + 1] = "600"
     assert main(args) == 2
     assert "has 500 frames, fewer than n_train + n_val" in capsys.readouterr().err
+
+
+def test_refit_energy_shifts_removes_the_mean_residual_and_keeps_forces(ethanol):
+    import torch
+
+    from stable_md.potentials import build_potential, energy_and_forces
+    from stable_md.pretrain import refit_energy_shifts
+
+    torch.manual_seed(0)
+    potential, _ = build_potential("schnet", ethanol.species, hidden_channels=16, num_filters=16, num_interactions=1)
+    train = ethanol.first(50)
+    positions = torch.as_tensor(train.positions, dtype=torch.float32)
+    numbers = torch.as_tensor(train.numbers)
+    _, forces_before = energy_and_forces(potential, positions, numbers, None)
+    refit_energy_shifts(potential, train)
+    energy, forces_after = energy_and_forces(potential, positions, numbers, None)
+    residual = train.energies - energy.detach().double().numpy()
+    assert abs(residual.mean()) < 5e-3  # eV; float32 energies of about -310 eV
+    assert torch.allclose(forces_before, forces_after)
