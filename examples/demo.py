@@ -3,7 +3,7 @@
 Uses the bundled ethanol GFN2-xTB set (data/ethanol_xtb_500K.extxyz, 500 frames at 500 K) and the
 same ``stable-md`` commands a user types. The starting model is deliberately weak (a small SchNet
 fitted briefly to 100 frames), the situation StABlE refinement is for: its MD replicas break bonds.
-Writes everything into ``demo_output/`` (replaced on every run); about 10 minutes on 2 cores.
+Writes everything into ``demo_output/`` (replaced on every run); 5 minutes on 2 cores, measured.
 """
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ def main() -> int:
     refine = stable_md("refine", str(base), "--data", data, "--obs", "hr", "--obs-weight", "100",
                        "-o", str(refined), "--replicas", "8" if quick else "64",
                        "--steps-per-epoch", "200" if quick else "1000",
-                       "--max-cycles", "1" if quick else "4", "--max-epochs", "3" if quick else "40",
+                       "--max-cycles", "1" if quick else "4", "--max-epochs", "3" if quick else "80",
                        "--max-time", "2" if quick else "90", "--no-progress")
 
     started = time.perf_counter()
