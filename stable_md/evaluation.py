@@ -24,6 +24,7 @@ PNG figures in the output directory; each model's result is also kept in
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -35,8 +36,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from stable_md.data import Dataset, load_dataset, same_file
-from stable_md.observables import (ElementRDF, diffusion_coefficient, largest_rdf_range, make_observable,
-                                   mean_squared_displacement, reference_frames, velocity_autocorrelation)
+from stable_md.observables import (Observable, diffusion_coefficient, make_observable, mean_squared_displacement,
+                                   reference_frames, velocity_autocorrelation)
 from stable_md.potentials.model_file import read_metadata, write_json
 from stable_md.reweighting import temperature_weights
 from stable_md.stability import (EVALUATION_THRESHOLD, MIN_DISTANCE_THRESHOLD, RDF_MAE_THRESHOLD, BondGraph,
@@ -46,6 +47,7 @@ from stable_md.structures import spread_indices
 REPORT_NAME = "evaluation.json"
 MODELS_DIRECTORY = "models"
 CRITERIA = ("bond", "rdf", "imd")
+OBSERVABLES = ("hr", "rdf")
 DEFAULT_THRESHOLDS = {"bond": EVALUATION_THRESHOLD, "rdf": RDF_MAE_THRESHOLD, "imd": MIN_DISTANCE_THRESHOLD}
 # Settings that must agree between a model result on disk and a resumed evaluation.
 _RESUME_KEYS = ("n_replicas", "temperature", "timestep", "total_time", "integrator", "collision_frequency",
@@ -76,6 +78,8 @@ class EvaluateSettings:
     platform: str = "CPU"
 
     def __post_init__(self) -> None:
+        if self.observable not in OBSERVABLES:
+            raise ValueError(f"evaluate compares the observables {list(OBSERVABLES)}, got {self.observable!r}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of {list(CRITERIA)}")
         if self.threshold is None:
@@ -111,7 +115,8 @@ class _ModelJob:
     numbers: np.ndarray
     starts: np.ndarray
     cell: Optional[np.ndarray]
-    bonds: BondGraph
+    criterion: Any
+    observable: Observable
     observable_reference: np.ndarray
     error_data: Dataset
     output: str
@@ -147,13 +152,15 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
 
     held_out, overlap_note = _held_out_frames(dataset, metadata.values())
     cell = None if dataset.cells is None else dataset.cells[0]
-    bonds = detect_bonds(dataset.numbers, reference_frames(dataset), cell)
-    starts, start_indices = _starting_frames(dataset, held_out, settings, bonds, cell)
-    observable = make_observable(settings.observable, dataset)
     reweighting = None
     if settings.data_temperature is not None and not math.isclose(settings.data_temperature, settings.temperature):
         reweighting = temperature_weights(dataset.energies, settings.data_temperature, settings.temperature)
-    reference = observable.reference(dataset, None if reweighting is None else reweighting.weights).numpy()
+    weights = None if reweighting is None else reweighting.weights
+    bonds = detect_bonds(dataset.numbers, reference_frames(dataset), cell)
+    criterion = _criterion(settings, bonds, cell, dataset, weights)
+    starts, start_indices = _starting_frames(dataset, held_out, settings, criterion)
+    observable = make_observable(settings.observable, dataset)
+    reference = observable.reference(dataset, weights).numpy()
     error_indices = held_out[spread_indices(len(held_out), min(len(held_out), settings.error_frames))]
     error_data = dataset.subset(np.unique(error_indices))
 
@@ -176,7 +183,8 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
         done = _load_result(directory, label, settings, model) if resume else None
         if done is None:
             pending.append(_ModelJob(model=model, label=label, settings=settings, numbers=dataset.numbers,
-                                     starts=starts, cell=cell, bonds=bonds, observable_reference=reference,
+                                     starts=starts, cell=cell, criterion=copy.deepcopy(criterion),
+                                     observable=observable, observable_reference=reference,
                                      error_data=error_data, output=str(directory),
                                      progress=progress and jobs == 1))
     _run_jobs(pending, jobs)
@@ -283,29 +291,30 @@ def _held_out_frames(data: Dataset, metadata: Sequence[dict]) -> tuple[np.ndarra
     return np.flatnonzero(keep), f"{int(keep.sum())} frames no model trained or validated on"
 
 
-def _criterion(settings: EvaluateSettings, bonds, cell, numbers, reference_rdf=None):
+def _criterion(settings: EvaluateSettings, bonds: BondGraph, cell: Optional[np.ndarray], data: Dataset,
+               weights: Optional[np.ndarray]):
+    """The stability criterion; the rdf one compares with the data's (optionally reweighted) RDFs."""
     if settings.criterion == "bond":
         return BondLengthCriterion(bonds, settings.threshold, cell)
     if settings.criterion == "imd":
         return MinDistanceCriterion(bonds, settings.threshold, cell)
     if cell is None:
         raise ValueError("--criterion rdf needs a periodic box; use --criterion bond for molecules")
-    rdf = ElementRDF(numbers, r_max=largest_rdf_range(cell))
-    return RDFCriterion(rdf, reference_rdf, cell, settings.rdf_window, settings.threshold)
+    rdf = make_observable("rdf", data)
+    return RDFCriterion(rdf, rdf.reference(data, weights).numpy(), cell, settings.rdf_window, settings.threshold)
 
 
-def _starting_frames(data: Dataset, held_out: np.ndarray, settings: EvaluateSettings, bonds, cell
+def _starting_frames(data: Dataset, held_out: np.ndarray, settings: EvaluateSettings, criterion
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """R held-out frames spread over the set, skipping frames that already fail the bond criterion."""
+    """R held-out frames spread over the set, skipping frames that already fail the bond or imd criterion."""
     candidates = held_out
-    if settings.criterion in ("bond", "imd"):
-        check = _criterion(settings, bonds, cell, data.numbers)
-        candidates = held_out[~check(data.positions[held_out])]
+    if settings.criterion in ("bond", "imd"):  # the rdf criterion judges a window of frames, not one
+        candidates = held_out[~criterion(data.positions[held_out])]
         if len(candidates) == 0:
             raise ValueError(f"every held-out frame of {data.source} already fails the {settings.criterion} criterion "
                              f"at {settings.threshold:g} Å; raise --threshold")
     chosen = candidates[spread_indices(len(candidates), settings.n_replicas)]
-    if cell is not None and not np.allclose(data.cells[chosen], cell, atol=1e-6):
+    if data.cells is not None and not np.allclose(data.cells[chosen], data.cells[0], atol=1e-6):
         raise ValueError(f"{data.source}: the frames have different boxes; evaluation runs at constant volume")
     return data.positions[chosen], chosen
 
@@ -340,9 +349,7 @@ def _evaluate_model(job: _ModelJob) -> str:
     started = time.perf_counter()
     model = load_model(job.model)
     errors = prediction_errors(model.module, job.error_data)
-    criterion = _criterion(s, job.bonds, job.cell, job.numbers,
-                           reference_rdf=job.observable_reference if s.criterion == "rdf" else None)
-    observable = _observable_for(job)
+    criterion, observable = job.criterion, job.observable
     replicas = ReplicaSet(model, job.numbers, job.starts, cell=job.cell, integrator=s.integrator,
                           temperature=s.temperature, timestep=s.timestep, friction=s.friction,
                           collision_frequency=s.collision_frequency, seed=s.seed, platform=s.platform,
@@ -445,17 +452,6 @@ def _evaluate_model(job: _ModelJob) -> str:
     }
     write_json(Path(job.output) / MODELS_DIRECTORY / f"{job.label}.json", result)
     return job.label
-
-
-def _observable_for(job: _ModelJob):
-    """The evaluation observable, rebuilt in the worker (bins as in :func:`make_observable`)."""
-    if job.settings.observable == "hr":
-        from stable_md.observables import DistanceDistribution
-
-        return DistanceDistribution(len(job.numbers))
-    if job.settings.observable == "rdf":
-        return ElementRDF(job.numbers, r_max=largest_rdf_range(job.cell))
-    raise ValueError(f"evaluate supports the observables hr and rdf, got {job.settings.observable!r}")
 
 
 def _vacf(velocities: np.ndarray, stable: np.ndarray, s: EvaluateSettings) -> Optional[dict]:

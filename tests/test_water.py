@@ -60,10 +60,21 @@ def test_evaluate_a_water_model_with_the_rdf_criterion(tmp_path, water_file):
                               "cutoff": 4.0}, progress=False)
     settings = dict(n_replicas=2, temperature=300.0, timestep=0.5, total_time=150.0, criterion="rdf", rdf_window=3,
                     check_every=10, observable="rdf", vacf_window=20, error_frames=2)
-    # A strict threshold stops both replicas of this barely trained model, naming the RDF.
-    strict = evaluate([model], data, tmp_path / "strict", EvaluateSettings(**settings, threshold=0.5), progress=False)
-    assert strict["models"][0]["n_unstable"] == 2
-    assert all("RDF error" in reason for reason in strict["models"][0]["reasons"].values())
+    # A strict threshold stops both replicas of this barely trained model, naming the RDF. Two copies of
+    # the model see the same verdicts: the criterion's window does not carry over from one model to the next.
+    strict = evaluate([model, model], data, tmp_path / "strict", EvaluateSettings(**settings, threshold=0.5),
+                      labels=["a", "b"], progress=False)
+    first, second = strict["models"]
+    assert first["n_unstable"] == 2 and first["stable_time_ps"] == second["stable_time_ps"]
+    assert all("RDF error" in reason for reason in first["reasons"].values())
+    # The rdf criterion keeps its own RDF reference when h(r) is the compared observable.
+    mixed = evaluate([model], data, tmp_path / "mixed",
+                     EvaluateSettings(**{**settings, "observable": "hr"}, threshold=0.5), progress=False)
+    assert mixed["observable"]["name"] == "hr"
+    assert mixed["models"][0]["reasons"] == first["reasons"]
+    assert mixed["models"][0]["stable_time_ps"] == first["stable_time_ps"]
+    with pytest.raises(ValueError, match="observables"):
+        EvaluateSettings(**{**settings, "observable": "bonds"})
     # A loose one lets them run: RDFs of the stable part and a diffusivity from their MSD.
     report = evaluate([model], data, tmp_path / "eval", EvaluateSettings(**settings, threshold=50.0), progress=False)
     result = report["models"][0]
