@@ -41,7 +41,7 @@ OMM_TORCH_PY := $(OMM_TORCH_VENV)/bin/python
 OMM_TORCH_STAMP := $(OMM_TORCH_VENV)/.stable-md-installed
 OMM_TORCH_TORCH ?= torch==2.9.0
 OMM_TORCH_DEPS := openmmtorch==1.5 "openmm>=8.5" "numpy>=1.24" "ase>=3.29" "tqdm>=4.60" \
-	"matplotlib>=3.7" "scipy>=1.10" "mdtraj>=1.10" "pytest>=7"
+	"matplotlib>=3.7" "scipy>=1.13" "mdtraj>=1.10" "pytest>=7"
 
 $(OMM_TORCH_STAMP): pyproject.toml
 	test -x $(OMM_TORCH_PY) || $(PYTHON) -m venv $(OMM_TORCH_VENV)

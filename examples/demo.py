@@ -72,19 +72,28 @@ def main() -> int:
     def median(result: dict) -> str:
         return ("≥ " if result["median_censored"] else "") + f"{result['median_stable_time_ps']:.2f}"
 
-    print(f"{'':<30}{'before':>12}{'after':>12}")
-    print(f"{'median stable time (ps)':<30}{median(before):>12}{median(after):>12}")
-    print(f"{'mean stable time (ps)':<30}{before['mean_stable_time_ps']:>12.2f}{after['mean_stable_time_ps']:>12.2f}")
-    print(f"{'unstable at the end':<30}{before['n_unstable']:>9d}/{before['n_replicas']:<2d}"
-          f"{after['n_unstable']:>9d}/{after['n_replicas']:<2d}")
-    print(f"{'h(r) error ∫|h − h_ref| dr':<30}{before['observable']['error']:>12.4f}"
-          f"{after['observable']['error']:>12.4f}")
-    print(f"{'force MAE (meV/Å)':<30}{before['errors']['force_mae_meV_per_A']:>12.1f}"
-          f"{after['errors']['force_mae_meV_per_A']:>12.1f}")
-    print(f"{'energy MAE (meV)':<30}{before['errors']['energy_mae_meV']:>12.1f}"
-          f"{after['errors']['energy_mae_meV']:>12.1f}")
+    def rmst(result: dict) -> str:
+        low, high = result["survival"]["rmst_ci_ps"]
+        return f"{result['survival']['rmst_ps']:.2f} [{low:.2f}, {high:.2f}]"
+
+    (comparison,) = report["comparisons"]
+    print(f"{'':<34}{'before':>20}{'after':>20}")
+    print(f"{'median stable time (ps)':<34}{median(before):>20}{median(after):>20}")
+    print(f"{'restricted mean (ps) [95% CI]':<34}{rmst(before):>20}{rmst(after):>20}")
+    print(f"{'unstable at the end':<34}{before['n_unstable']:>17d}/{before['n_replicas']:<2d}"
+          f"{after['n_unstable']:>17d}/{after['n_replicas']:<2d}")
+    print(f"{'h(r) error ∫|h − h_ref| dr':<34}{before['observable']['error']:>20.4f}"
+          f"{after['observable']['error']:>20.4f}")
+    print(f"{'force MAE (meV/Å)':<34}{before['errors']['force_mae_meV_per_A']:>20.1f}"
+          f"{after['errors']['force_mae_meV_per_A']:>20.1f}")
+    print(f"{'energy MAE (meV)':<34}{before['errors']['energy_mae_meV']:>20.1f}"
+          f"{after['errors']['energy_mae_meV']:>20.1f}")
+    low, high = comparison["rmst_ratio_ci"]
     total = report["settings"]["total_time"] / 1000.0
-    print(f"(stable times are capped at the {total:g} ps evaluated)")
+    print(f"after / before: restricted mean ×{comparison['rmst_ratio']:.2f} [95% CI {low:.2f}, {high:.2f}], "
+          f"log-rank p = {comparison['logrank_p']:.2g}")
+    print(f"(stable times are right-censored at the {total:g} ps evaluated; restricted mean = area under the "
+          f"Kaplan-Meier curve up to {total:g} ps)")
     print("\nplots:")
     for figure in report["figures"] + [str(out / (refined.stem + ".refine") / "unstable_fraction.png")]:
         print(f"  {figure}")

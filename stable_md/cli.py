@@ -41,10 +41,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _observable_weight(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
     return value
 
 
@@ -183,8 +209,13 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--obs", action="append", choices=sorted(OBSERVABLES), default=None,
                    help="observable to match, repeatable: " + "; ".join(f"{k}: {v}" for k, v in OBSERVABLES.items())
                         + " (default: hr)")
-    p.add_argument("--obs-weight", type=float, action="append", default=None,
-                   help="weight of each --obs, in the same order (default: 1)")
+    p.add_argument("--obs-weight", type=_observable_weight, action="append", default=None,
+                   help="weight of each --obs, in the same order, or auto (default): calibrated at the first "
+                        "learning epoch so that the observables hold --obs-share of the gradient norm, whatever "
+                        "the molecule's size or the backbone")
+    p.add_argument("--obs-share", type=float, default=0.3,
+                   help="with --obs-weight auto: the observables' share of the gradient norm at calibration "
+                        "(default: 0.3)")
     p.add_argument("--criterion", choices=["bond", "imd"], default="bond",
                    help="instability criterion: bond (bond-length deviation, molecules) or imd (minimum "
                         "intermolecular distance, liquids); default: bond")
@@ -208,6 +239,9 @@ def _add_refine_parser(commands) -> None:
                    help="unstable fraction that ends a simulation phase (default: 0.2)")
     p.add_argument("--f-min", type=float, default=0.05,
                    help="unstable fraction that ends a learning phase (default: 0.05)")
+    p.add_argument("--simulation-patience", type=_count, default=10,
+                   help="epochs after which a simulation phase turns to learning once any replica is unstable, "
+                        "even below --f-max (default: 10; 0 waits for --f-max as the paper)")
     p.add_argument("--qm-weight", type=float, default=10.0,
                    help="λ, weight of the energy/force loss on the data (default: 10)")
     p.add_argument("--qm-batch", type=_positive_int, default=64,
@@ -228,8 +262,13 @@ def _add_refine_parser(commands) -> None:
                    help="stop when the simulation phases have run this long, e.g. 50ps (default: 50ps)")
     p.add_argument("--max-time", type=_positive_float, default=None, help="stop after this many minutes")
     p.add_argument("--train-frames", choices=["auto", "pretrain", "all"], default="auto",
-                   help="auto (default): if the model was pretrained on --data, use only its training frames so "
-                        "held-out frames stay held out; all: every frame of --data")
+                   help="auto (default): if the model was pretrained on --data (same frames, whatever the path), "
+                        "use only its training frames so held-out frames stay held out, otherwise hold out "
+                        "--holdout-fraction of the frames for the error report; pretrain: require the pretraining "
+                        "frames; all: every frame of --data, none held out")
+    p.add_argument("--holdout-fraction", type=_fraction, default=0.1,
+                   help="with --train-frames auto and a model not pretrained on --data: fraction of the frames "
+                        "held out (random, --seed) for the before/after error report (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and data minibatches (default: 0)")
     p.add_argument("--platform", default="CPU", choices=PLATFORMS, help="OpenMM platform (default: CPU)")
     _add_run_options(p, "replace an earlier output and run directory",
@@ -466,11 +505,13 @@ def _refine(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else model.with_name(model.stem + ".stable.pt")
     observables = args.obs or ["hr"]
     settings = RefineSettings(
-        observables=observables, observable_weights=args.obs_weight or [1.0], criterion=args.criterion,
+        observables=observables, observable_weights=args.obs_weight or ["auto"],
+        observable_share=args.obs_share, holdout_fraction=args.holdout_fraction, criterion=args.criterion,
         threshold=args.threshold, n_replicas=args.replicas, temperature=args.temperature, timestep=args.timestep,
         integrator=args.integrator, collision_frequency=args.collision_frequency, friction=args.friction,
         steps_per_epoch=args.steps_per_epoch, sample_every=args.sample_every, check_every=args.check_every,
-        f_max=args.f_max, f_min=args.f_min, qm_weight=args.qm_weight, qm_batch=args.qm_batch,
+        f_max=args.f_max, f_min=args.f_min, simulation_patience=args.simulation_patience or None,
+        qm_weight=args.qm_weight, qm_batch=args.qm_batch,
         optimizer=args.optimizer, lr=args.lr, lr_decay=args.lr_decay, momentum=args.momentum,
         clip_grad=args.clip_grad, max_cycles=args.max_cycles, max_epochs=args.max_epochs,
         max_simulation_time=parse_time_fs(args.max_sim_time),
@@ -483,12 +524,23 @@ def _refine(args: argparse.Namespace) -> int:
                     resume=args.resume, progress=not args.no_progress)
     summary = result.summary
     print(summary["message"])
+    print(f"frames: {summary['train_frames']}")
+    if summary["observable_weights"] is not None:
+        share = summary["observable_gradient_share_median"]
+        print(f"observable weights {', '.join(f'{w:.4g}' for w in summary['observable_weights'])} "
+              f"({summary['observable_weights_from']})"
+              + ("" if share is None else f"; median observable share of the gradient {100 * share:.0f}%"))
     if summary.get("advice"):
         print(f"note: {summary['advice']}")
+    split = summary["time_split"]
+    print("time: " + ", ".join(f"{part.replace('_', '/')} {split['seconds'][part]:.0f} s" for part in split["seconds"])
+          + ("" if split["first_learning_epoch_after_ps"] is None else
+             f"; first learning epoch after {split['first_learning_epoch_after_ps']:g} ps of simulation"))
     before, after = summary["test_errors_before"], summary["test_errors_after"]
     if before and after:
         print(f"held-out force MAE: {before['force_mae_meV_per_A']:.1f} -> {after['force_mae_meV_per_A']:.1f} "
-              f"meV/Å ({after['frames']} frames)")
+              f"meV/Å, energy MAE {before['energy_mae_meV']:.1f} -> {after['energy_mae_meV']:.1f} meV "
+              f"({after['frames']} frames)")
     print(f"wrote {result.output}; log, checkpoint and plots in {Path(summary['figures'][0]).parent if summary['figures'] else ''}")
     for figure in summary["figures"]:
         print(f"  {figure}")

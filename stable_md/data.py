@@ -5,6 +5,7 @@ or a periodic box of fixed composition). Units inside: Å, eV, eV/Å.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ class Dataset:
     cells: ``[F, 3, 3]`` Å (rows are lattice vectors), or ``None`` for molecules.
     source: where the frames came from (used in messages).
     indices: index of each frame in ``source`` (kept through subsetting and splits).
+    origin: the file the frames were read from, ``{"path": absolute path, "size_bytes",
+        "fingerprint", "frames"}`` (kept through subsetting; ``None`` for data made in
+        memory). Models record it, so "the same data" means the same frames, whatever
+        path or working directory names the file.
     """
 
     positions: np.ndarray
@@ -43,6 +48,7 @@ class Dataset:
     cells: Optional[np.ndarray] = None
     source: str = "<memory>"
     indices: np.ndarray = field(default=None)  # type: ignore[assignment]
+    origin: Optional[dict] = None
 
     def __post_init__(self) -> None:
         self.positions = np.asarray(self.positions, dtype=np.float64)
@@ -74,7 +80,12 @@ class Dataset:
 
     def subset(self, selection: Sequence[int] | np.ndarray | slice) -> "Dataset":
         """Frames picked by an index array or slice (indices into this data set)."""
-        picked = np.arange(len(self))[selection] if isinstance(selection, slice) else np.asarray(selection)
+        if isinstance(selection, slice):
+            picked = np.arange(len(self))[selection]
+        else:
+            picked = np.asarray(selection)
+            if picked.dtype != bool:
+                picked = picked.astype(np.int64)  # an empty list would otherwise be a float array
         if picked.size and (picked.min() < -len(self) or picked.max() >= len(self)):
             raise IndexError(f"{self.source}: frame index out of range 0..{len(self) - 1}")
         return Dataset(
@@ -85,6 +96,7 @@ class Dataset:
             cells=None if self.cells is None else self.cells[picked],
             source=self.source,
             indices=self.indices[picked],
+            origin=self.origin,
         )
 
     def first(self, n: int) -> "Dataset":
@@ -246,8 +258,10 @@ def load_dataset(path: str | os.PathLike, units: Optional[str] = None, energy_ke
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     if path.suffix == ".npz":
-        return _load_md17(path, units or MD17_DEFAULT_ENERGY_UNIT)
-    return _load_ase(path, units or "eV", energy_key, forces_key, index)
+        return _with_origin(_load_md17(path, units or MD17_DEFAULT_ENERGY_UNIT), path)
+    data = _load_ase(path, units or "eV", energy_key, forces_key, index)
+    # a frame selection is a different set of frames, and its indices count from the selection
+    return _with_origin(data, path) if index in (":", slice(None)) else data
 
 
 def _load_md17(path: Path, units: str) -> Dataset:
@@ -276,14 +290,53 @@ def _load_md17(path: Path, units: str) -> Dataset:
                    forces=forces * factor, source=str(path))
 
 
-def same_file(recorded: Optional[str], current: str) -> bool:
-    """Whether the path ``recorded`` (e.g. in a model's history) names the same file as ``current``."""
-    if not recorded:
+def frames_fingerprint(data: Dataset) -> str:
+    """SHA-256 of the frames themselves: atomic numbers, positions and cells (energies are left out, so that
+    the same file read in other units is still the same frames, and frame indices keep their meaning)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(data.numbers, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(data.positions, dtype=np.float64).tobytes())
+    if data.cells is not None:
+        digest.update(np.ascontiguousarray(data.cells, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def data_record(data: Dataset) -> dict:
+    """What a model or run records about its data: ``{"data": absolute path or source, "data_fingerprint", ...}``.
+
+    For frames read from a file this is that file's record (whatever subset is at
+    hand, since recorded frame indices refer to the whole file).
+    """
+    origin = data.origin or {"path": data.source, "fingerprint": frames_fingerprint(data), "frames": len(data),
+                             "size_bytes": None}
+    return {"data": origin["path"], "data_fingerprint": origin["fingerprint"], "data_frames": origin["frames"],
+            "data_size_bytes": origin["size_bytes"]}
+
+
+def same_data(entry: Optional[dict], data: Dataset) -> bool:
+    """Whether a recorded history entry (pretrain, refine) was made on the frames of ``data``'s file.
+
+    Compares fingerprints; entries written before fingerprints were recorded fall back
+    to comparing resolved paths.
+    """
+    if not entry:
+        return False
+    recorded = entry.get("data_fingerprint")
+    if recorded is not None:
+        return recorded == data_record(data)["data_fingerprint"]
+    path = entry.get("data")
+    if not path:
         return False
     try:
-        return Path(recorded).resolve() == Path(current).resolve()
+        return Path(path).resolve() == Path(data.origin["path"] if data.origin else data.source).resolve()
     except OSError:
         return False
+
+
+def _with_origin(data: Dataset, path: Path) -> Dataset:
+    data.origin = {"path": str(path.resolve()), "size_bytes": path.stat().st_size,
+                   "fingerprint": frames_fingerprint(data), "frames": len(data)}
+    return data
 
 
 def read_ase_frames(path: Path, index: str | slice = ":", noun: str = "frames") -> list:

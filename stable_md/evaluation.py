@@ -8,9 +8,11 @@ stopped there, and its stable time is the time of that check. Observable samples
 are taken at the checks a replica passes, so h(r) (or the RDFs) come from the
 stable part only. Reported per model:
 
-- time to instability per replica, its median and mean (replicas that stay stable
-  count with the full time, so both are lower bounds when some do), and the
-  fraction of replicas unstable against time;
+- time to instability per replica with survival statistics (replicas still stable
+  at the end are right-censored there): the Kaplan-Meier curve with its 95 % band,
+  the median stable time with its interval, the restricted mean up to the cap, and
+  against the first model the ratios of both with bootstrap intervals and the
+  log-rank p-value (:mod:`stable_md.survival`);
 - h(r) (or RDF) of the stable part and its error ∫|h − h_ref| dr against the data's
   (optionally Boltzmann-reweighted to the evaluation temperature, appendix A.9);
 - the VACF of the first ``vacf_window`` steps, and the self-diffusion coefficient
@@ -35,7 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from stable_md.data import Dataset, load_dataset, same_file
+from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.observables import (Observable, diffusion_coefficient, make_observable, mean_squared_displacement,
                                    reference_frames, velocity_autocorrelation)
 from stable_md.potentials.model_file import read_metadata, write_json
@@ -43,6 +45,7 @@ from stable_md.reweighting import temperature_weights
 from stable_md.stability import (EVALUATION_THRESHOLD, MIN_DISTANCE_THRESHOLD, RDF_MAE_THRESHOLD, BondGraph,
                                  BondLengthCriterion, MinDistanceCriterion, RDFCriterion, detect_bonds)
 from stable_md.structures import spread_indices
+from stable_md.survival import compare, summarize
 
 REPORT_NAME = "evaluation.json"
 MODELS_DIRECTORY = "models"
@@ -165,7 +168,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     error_data = dataset.subset(np.unique(error_indices))
 
     plan = {
-        "data": dataset.source,
+        **data_record(dataset),
         "frames": len(dataset),
         "held_out_frames": int(len(held_out)),
         "held_out_note": overlap_note,
@@ -191,24 +194,66 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     results = [_load_result(directory, label, settings, model) for model, label in zip(models, labels)]
     report = {"settings": asdict(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
                                                                          "values": reference.tolist()},
-              "models": results}
+              "models": results, "comparisons": survival_statistics(results, settings)}
     report["figures"] = [str(p) for p in _figures(report, observable, directory)]
     write_json(directory / REPORT_NAME, report)
     return report
 
 
-TABLE_COLUMNS = ("model", "median stable (ps)", "mean (ps)", "unstable at end", "error", "force MAE (meV/Å)",
-                 "energy MAE (meV)")
+def survival_statistics(results: list[dict], settings: EvaluateSettings) -> list[dict]:
+    """Add ``survival`` to each model's result and compare every model after the first with the first.
+
+    Computed from the stored stable times, so results resumed from disk get them too;
+    the bootstrap seed is the evaluation's, so a report is reproducible.
+    """
+    cap = settings.n_steps * settings.timestep / 1000.0
+    samples = [(np.asarray(r["stable_time_ps"]), np.asarray(r["unstable"], dtype=bool)) for r in results]
+    for result, (times, events) in zip(results, samples):
+        result["survival"] = summarize(times, events, cap, seed=settings.seed).to_json()
+        result["median_stable_time_ps"] = result["survival"]["median_ps"] or cap
+        result["median_censored"] = result["survival"]["median_censored"]
+    return [{"label": result["label"], "baseline": results[0]["label"],
+             **compare(samples[0], pair, cap, seed=settings.seed)}
+            for result, pair in zip(results[1:], samples[1:])]
+
+
+TABLE_COLUMNS = ("model", "median stable (ps) [95% CI]", "RMST (ps) [95% CI], ratio", "median ratio [95% CI]",
+                 "log-rank p", "unstable at end", "error", "force MAE (meV/Å)", "energy MAE (meV)")
+
+
+def _interval(values: list, cap: Optional[float] = None) -> str:
+    """``[low, high]``; a bound the data cannot give within the cap reads ``> cap`` (or ``∞`` for ratios)."""
+    beyond = "∞" if cap is None else f"> {cap:g}"
+    return "[" + ", ".join(beyond if v is None or not math.isfinite(v) else f"{v:.2f}" for v in values) + "]"
 
 
 def table_rows(report: dict) -> list[tuple[str, ...]]:
-    """One row of formatted cells per model, in :data:`TABLE_COLUMNS` order (≥ marks a median at the time cap)."""
+    """One row of formatted cells per model, in :data:`TABLE_COLUMNS` order.
+
+    ≥ marks a median reached by the time cap (fewer than half of the replicas failed);
+    an interval bound of ∞ is one the data cannot give within the cap.
+    """
     rows = []
+    against = {c["label"]: c for c in report.get("comparisons", [])}
     for result in report["models"]:
-        median = result["median_stable_time_ps"]
+        survival = result["survival"]
+        median = ("≥ " if survival["median_censored"] else "") + f"{result['median_stable_time_ps']:.2f}"
+        comparison = against.get(result["label"])
+        if comparison is None:
+            ratio, p_value = "1 (baseline)", "–"
+        elif comparison["median_ratio"] is None:
+            ratio, p_value = "n/a (median ≥ cap)", f"{comparison['logrank_p']:.2g}"
+        else:
+            ratio = ("≥ " if comparison["median_ratio_censored"] else "") + \
+                f"{comparison['median_ratio']:.2f} {_interval(comparison['median_ratio_ci'])}"
+            p_value = f"{comparison['logrank_p']:.2g}"
+        rmst_ratio = "" if comparison is None else \
+            f" ×{comparison['rmst_ratio']:.2f} {_interval(comparison['rmst_ratio_ci'])}"
         error = result["observable"]["error"]
-        rows.append((result["label"], ("≥ " if result["median_censored"] else "") + f"{median:.2f}",
-                     f"{result['mean_stable_time_ps']:.2f}", f"{result['n_unstable']}/{result['n_replicas']}",
+        cap = survival["cap_ps"]
+        rows.append((result["label"], f"{median} {_interval(survival['median_ci_ps'], cap)}",
+                     f"{survival['rmst_ps']:.2f} {_interval(survival['rmst_ci_ps'])}{rmst_ratio}", ratio, p_value,
+                     f"{result['n_unstable']}/{result['n_replicas']}",
                      "n/a" if error is None else f"{error:.4f}", f"{result['errors']['force_mae_meV_per_A']:.1f}",
                      f"{result['errors']['energy_mae_meV']:.1f}"))
     return rows
@@ -219,12 +264,15 @@ def summary_table(report: dict) -> list[str]:
     name = "h(r)" if report["observable"]["name"] == "hr" else report["observable"]["name"]
     columns = [c if c != "error" else f"{name} error" for c in TABLE_COLUMNS]
     rows = table_rows(report)
-    widths = [max(22, *(len(row[0]) + 2 for row in rows))] + [len(c) + 3 for c in columns[1:]]
+    widths = [max(22, *(len(row[0]) + 2 for row in rows))] + [
+        max(len(c), *(len(row[k]) for row in rows)) + 3 for k, c in enumerate(columns) if k]
     lines = ["".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(columns, widths)))]
     for row in rows:
         lines.append("".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths))))
     total = report["settings"]["total_time"] / 1000.0
-    lines.append(f"(stable times are capped at the {total:g} ps evaluated; ≥ marks a median reached by the cap)")
+    lines.append(f"(stable times are right-censored at the {total:g} ps evaluated: Kaplan-Meier medians, RMST = "
+                 f"restricted mean up to {total:g} ps; ratios (×) and log-rank p against {rows[0][0]}; ≥ marks a "
+                 f"median reached by the cap, > {total:g} a bound the data cannot give)")
     return lines
 
 
@@ -271,12 +319,13 @@ def _prepare(directory: Path, overwrite: bool, resume: bool) -> None:
 
 
 def _held_out_frames(data: Dataset, metadata: Sequence[dict]) -> tuple[np.ndarray, str]:
-    """Positions in ``data`` of frames no model trained or validated on (from their pretrain history)."""
+    """Positions in ``data`` of frames no model trained, validated or refined on (from their histories, matched
+    by the frames' fingerprint, so the path and working directory do not matter)."""
     used: set[int] = set()
     recorded = 0
     for meta in metadata:
         for entry in meta.get("history", []):
-            if entry.get("stage") != "pretrain" or not same_file(entry.get("data"), data.source):
+            if entry.get("stage") not in ("pretrain", "refine") or not same_data(entry, data):
                 continue
             recorded += 1
             used.update(int(i) for i in entry.get("train_indices", []))
@@ -421,8 +470,6 @@ def _evaluate_model(job: _ModelJob) -> str:
     # A replica that never failed ran the whole time (the run only ends early when all have failed).
     stable_steps = np.where(replicas.unstable, replicas.unstable_step, s.n_steps)
     stable_ps = stable_steps * s.timestep / 1000.0
-    total_ps = s.n_steps * s.timestep / 1000.0
-    median = float(np.median(stable_ps))
     mean_curve = observable_sum / max(observable_count, 1)
     width = float(observable.x[1] - observable.x[0])
     error = float(np.abs(mean_curve - job.observable_reference).sum() * width) if observable_count else None
@@ -438,8 +485,6 @@ def _evaluate_model(job: _ModelJob) -> str:
         "reasons": {str(k): v for k, v in sorted(replicas.reasons.items())},
         "n_unstable": int(replicas.unstable.sum()),
         "unstable_fraction_end": float(replicas.unstable.mean()),
-        "median_stable_time_ps": median,
-        "median_censored": bool(median >= total_ps - 1e-9),
         "mean_stable_time_ps": float(stable_ps.mean()),
         "unstable_fraction_curve": {"time_ps": times.tolist(), "fraction": fraction},
         "observable": {"name": observable.name, "x": observable.x.tolist(), "mean": mean_curve.tolist(),
@@ -514,8 +559,9 @@ def _figures(report: dict, observable, directory: Path) -> list[Path]:
     results = report["models"]
     temperature = report["settings"]["temperature"]
     paths = [
-        plots.stability_curves_figure({r["label"]: r["unstable_fraction_curve"] for r in results},
-                                      directory / "stability.png", title=f"{temperature:g} K"),
+        plots.stability_curves_figure({r["label"]: r["survival"]["kaplan_meier"] for r in results},
+                                      report["settings"]["total_time"] / 1000.0, directory / "stability.png",
+                                      title=f"{temperature:g} K"),
         plots.stable_time_figure({r["label"]: r["stable_time_ps"] for r in results},
                                  report["settings"]["total_time"] / 1000.0, directory / "stable_times.png"),
     ]

@@ -103,14 +103,24 @@ def _colours(plt) -> list[str]:
     return plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def stability_curves_figure(curves: dict[str, dict], path: Path, title: Optional[str] = None) -> Path:
-    """Fraction of replicas unstable against simulated time, one line per model (the paper's Fig. 3b/4a)."""
+def stability_curves_figure(curves: dict[str, dict], total_ps: float, path: Path,
+                            title: Optional[str] = None) -> Path:
+    """Fraction of replicas unstable against time (1 − Kaplan-Meier), one line per model, with the 95 % band
+    shaded (the paper's Fig. 3b/4a); ``curves`` holds :meth:`SurvivalSummary.to_json`'s ``kaplan_meier``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for k, (label, curve) in enumerate(curves.items()):
-        ax.step(curve["time_ps"], curve["fraction"], where="post", lw=1.6, color=_colours(plt)[k % 10], label=label)
+        colour = _colours(plt)[k % 10]
+        time = np.concatenate([[0.0], np.asarray(curve["time_ps"], dtype=float), [total_ps]])
+        steps = {key: np.concatenate([[1.0], np.asarray(curve[key], dtype=float)]) for key in
+                 ("survival", "lower", "upper")}
+        steps = {key: np.concatenate([values, values[-1:]]) for key, values in steps.items()}
+        ax.step(time, 1.0 - steps["survival"], where="post", lw=1.6, color=colour, label=label)
+        ax.fill_between(time, 1.0 - steps["upper"], 1.0 - steps["lower"], step="post", color=colour, alpha=0.18,
+                        lw=0)
+    ax.set_xlim(0.0, total_ps)
     ax.set_xlabel("simulation time (ps)")
-    ax.set_ylabel("fraction of replicas unstable")
+    ax.set_ylabel("fraction of replicas unstable (Kaplan-Meier, 95% CI)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(frameon=False, loc="upper left")
     if title:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stable_md.data import Dataset, load_dataset
+from stable_md.data import Dataset, data_record, load_dataset
 from stable_md.potentials import Potential, build_metadata, build_potential, energy_and_forces, save_model
 from stable_md.potentials.model_file import atomic_write, truncate_jsonl_log
 
@@ -232,7 +232,9 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     optimizer = torch.optim.Adam(potential.parameters(), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience, min_lr=settings.min_lr)
-    run_identity = {"arch": arch, "hyperparameters": hyper, "source": data.source, "split": asdict(split),
+    # the frames' fingerprint, not the path as typed: a resume from another directory is the same run
+    run_identity = {"arch": arch, "hyperparameters": hyper, "data": data_record(data)["data_fingerprint"],
+                    "split": asdict(split),
                     "settings": {k: v for k, v in asdict(settings).items() if k != "max_time_s"}}
     generator = torch.Generator().manual_seed(settings.seed)
     state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "best_model": None, "elapsed_s": 0.0}
@@ -291,7 +293,7 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     }
     history_entry = {
         "stage": "pretrain",
-        "data": data.source,
+        **data_record(data),
         "units": units,
         "split": asdict(split),
         "train_indices": train.indices.tolist(),

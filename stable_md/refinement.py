@@ -24,13 +24,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from stable_md.data import Dataset, load_dataset, same_file
+from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
 from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, load_model,
@@ -49,12 +49,16 @@ BUDGETS = ("cycles", "epochs", "wall time", "simulation time")
 OPTIMIZERS = ("sgd", "adam")
 # Settings a resumed run must share with the original (budgets may change).
 BUDGET_KEYS = ("max_cycles", "max_epochs", "max_simulation_time", "max_wall_time")
+# Where refine's time goes: MD of both phases, the Boltzmann estimator, the energy/force step (with the update).
+TIME_PARTS = ("simulation", "estimator", "energy_force")
 
 
-# Below this median share of the total gradient the observable term does not steer learning; advice aims at
-# the share seen where refinement stabilized ethanol (about a third).
+# Below this median share of the total gradient the observable term does not steer learning (an explicit
+# --obs-weight gets advice then); --obs-weight auto calibrates the weights so that the observable term holds
+# DEFAULT_OBSERVABLE_SHARE of the gradient norm at the first learning epoch.
 OBSERVABLE_GRADIENT_SHARE_LOW = 0.05
-OBSERVABLE_GRADIENT_SHARE_TARGET = 0.3
+DEFAULT_OBSERVABLE_SHARE = 0.3
+AUTO = "auto"
 
 
 class RefineError(ValueError):
@@ -72,10 +76,17 @@ class RefineSettings:
     model's energy/force gradient can reach norms of several hundred, and one SGD step at
     1e-3 with λ = 10 wrecked a test model, while Adam's step size does not depend on that
     scale. f_max = 0.2 and f_min = 0.05 (the paper does not state its values).
+
+    Two defaults go beyond the paper: ``observable_weights=["auto"]`` calibrates the weights at
+    the first learning epoch so that the observables hold ``observable_share`` (0.3) of the
+    gradient norm, whatever the molecule's size and the backbone; and ``simulation_patience``
+    (10 epochs) turns a simulation phase to learning once any replica is unstable, even below
+    f_max (``None``: wait for f_max as the paper does).
     """
 
     observables: list[str] = field(default_factory=lambda: ["hr"])
-    observable_weights: list[float] = field(default_factory=lambda: [1.0])
+    observable_weights: list = field(default_factory=lambda: [AUTO])
+    observable_share: float = DEFAULT_OBSERVABLE_SHARE
     criterion: str = "bond"
     threshold: Optional[float] = None
     n_replicas: int = 32
@@ -89,6 +100,7 @@ class RefineSettings:
     check_every: int = 50
     f_max: float = 0.2
     f_min: float = 0.05
+    simulation_patience: Optional[int] = 10
     qm_weight: float = 10.0
     qm_batch: int = 64
     energy_weight: float = 1.0
@@ -105,13 +117,22 @@ class RefineSettings:
     estimator_batch: int = DEFAULT_BATCH_SIZE
     nan_patience: int = 3
     train_frames: str = "auto"
+    holdout_fraction: float = 0.1
     seed: int = 0
     mode: str = "batched"
     platform: str = "CPU"
 
     def __post_init__(self) -> None:
         self.observables = list(self.observables)
-        self.observable_weights = [float(w) for w in self.observable_weights]
+        autos = [w == AUTO for w in self.observable_weights]
+        if any(autos) and not all(autos):
+            raise ValueError(f"--obs-weight is either auto or one number per observable, got "
+                             f"{self.observable_weights}")
+        if not all(autos):
+            try:
+                self.observable_weights = [float(w) for w in self.observable_weights]
+            except (TypeError, ValueError):
+                raise ValueError(f"observable weights must be numbers or 'auto', got {self.observable_weights}")
         if not self.observables:
             raise ValueError("at least one observable is needed (--obs)")
         unknown = [name for name in self.observables if name not in OBSERVABLES]
@@ -122,8 +143,10 @@ class RefineSettings:
         if len(self.observable_weights) != len(self.observables):
             raise ValueError(f"{len(self.observables)} observables but {len(self.observable_weights)} weights "
                              f"(--obs-weight): give one weight, or one per --obs")
-        if any(not w >= 0 for w in self.observable_weights):
+        if not self.auto_weights and any(not w >= 0 for w in self.observable_weights):
             raise ValueError(f"observable weights must be >= 0, got {self.observable_weights}")
+        if not 0 < self.observable_share < 1:
+            raise ValueError(f"observable_share must lie in (0, 1), got {self.observable_share}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of {list(CRITERIA)}")
         if self.threshold is None:
@@ -132,6 +155,8 @@ class RefineSettings:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {list(OPTIMIZERS)}")
         if self.train_frames not in ("auto", "pretrain", "all"):
             raise ValueError(f"train_frames must be auto, pretrain or all, got {self.train_frames!r}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
         positive = {"threshold": self.threshold, "temperature": self.temperature, "timestep": self.timestep,
                     "lr": self.lr, "lr_decay": self.lr_decay, "max_simulation_time": self.max_simulation_time}
         for name, value in positive.items():
@@ -153,10 +178,20 @@ class RefineSettings:
             raise ValueError(f"need 0 <= f_min < f_max <= 1, got f_min={self.f_min}, f_max={self.f_max}")
         if self.qm_weight < 0:
             raise ValueError(f"qm_weight (λ) must be >= 0, got {self.qm_weight}")
+        if self.simulation_patience is not None and (int(self.simulation_patience) != self.simulation_patience
+                                                     or self.simulation_patience < 1):
+            raise ValueError(f"simulation_patience must be a positive number of epochs or None, got "
+                             f"{self.simulation_patience}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.max_wall_time is not None and not self.max_wall_time > 0:
             raise ValueError(f"max_wall_time must be positive, got {self.max_wall_time}")
+
+
+    @property
+    def auto_weights(self) -> bool:
+        """Whether the observable weights are calibrated at the first learning epoch (``--obs-weight auto``)."""
+        return self.observable_weights[0] == AUTO
 
 
 @dataclass
@@ -240,7 +275,10 @@ class _Refinement:
         self.qm_data = DatasetTensors(self.train, dtype=dtype)
         self.rng = np.random.default_rng(settings.seed)
         self.state = {"cycle": 0, "phase": "simulation", "epoch": 0, "learning_epochs": 0, "simulated_steps": 0,
-                      "nan_failures": 0, "wall_seconds": 0.0, "stopped_by": None, "first_check_done": False}
+                      "nan_failures": 0, "wall_seconds": 0.0, "stopped_by": None, "first_check_done": False,
+                      "phase_epochs": 0,
+                      "observable_weights": None if settings.auto_weights else list(settings.observable_weights),
+                      "seconds": {part: 0.0 for part in TIME_PARTS}}
         self.history: list[dict] = []
         self.first_means: Optional[dict[str, list]] = None
         self.last_means: Optional[dict[str, list]] = None
@@ -264,30 +302,61 @@ class _Refinement:
             raise ValueError(f"{self.data.source} contains elements the model {self.model_file.path} was not "
                              f"trained on (atomic numbers {missing}; the model knows {sorted(known)})")
 
-    def _split(self) -> tuple[Dataset, Dataset, str]:
-        """Training frames (starts, references, regularizer) and held-out frames (error report)."""
-        choice = self.settings.train_frames
+    def _split(self) -> tuple[Dataset, Optional[Dataset], str]:
+        """Training frames (starts, references, regularizer) and held-out frames (error report), with a note.
+
+        ``auto``: a model pretrained on these frames (same fingerprint, whatever the path)
+        uses its pretraining frames and reports errors on its pretraining test frames;
+        any other model (imported, or pretrained on another file) holds out a
+        reproducible ``holdout_fraction`` of the frames (permutation seeded by ``seed``).
+        ``all``: every frame is used, none is held out.
+        """
+        s = self.settings
+        data = self.data
         pretrain = next((h for h in self.model_file.metadata.get("history", []) if h.get("stage") == "pretrain"),
                         None)
-        pretrained_here = pretrain is not None and same_file(pretrain.get("data"), self.data.source)
-        if choice == "pretrain" and not pretrained_here:
-            raise ValueError(f"train_frames='pretrain' needs the data file the model was pretrained on "
-                             f"({None if pretrain is None else pretrain.get('data')}), got {self.data.source}")
-        if choice != "all" and pretrained_here:
-            train_idx = np.asarray(pretrain["train_indices"], dtype=np.int64)
-            test_idx = np.asarray(pretrain.get("test_indices", []), dtype=np.int64)
-            position = {int(index): k for k, index in enumerate(self.data.indices)}
-            if all(int(i) in position for i in train_idx):
-                train = self.data.subset([position[int(i)] for i in train_idx])
-                test = self.data.subset([position[int(i)] for i in test_idx if int(i) in position])
-                return train, test, f"the model's {len(train)} pretraining frames of {self.data.source}"
-        return self.data, self.data.subset([]), f"all {len(self.data)} frames of {self.data.source}"
+        pretrained_here = pretrain is not None and same_data(pretrain, data)
+        if s.train_frames == "pretrain" and not pretrained_here:
+            raise RefineError(f"--train-frames pretrain needs the data file the model was pretrained on "
+                              f"({None if pretrain is None else pretrain.get('data')}), got {data.source}; use "
+                              f"--train-frames auto to hold out part of {data.source} instead")
+        if s.train_frames == "all":
+            return data, None, f"all {len(data)} frames of {data.source} (none held out: --train-frames all)"
+        if pretrained_here:
+            position = {int(index): k for k, index in enumerate(data.indices)}
+            train_idx = [position[int(i)] for i in pretrain["train_indices"] if int(i) in position]
+            test_idx = [position[int(i)] for i in pretrain.get("test_indices", []) if int(i) in position]
+            if len(train_idx) == len(pretrain["train_indices"]):
+                test = data.subset(test_idx) if test_idx else None
+                return (data.subset(train_idx), test,
+                        f"the model's {len(train_idx)} pretraining frames of {data.source}; errors on its "
+                        f"{len(test_idx)} pretraining test frames")
+            if s.train_frames == "pretrain":
+                raise RefineError(f"{data.source} lacks {len(pretrain['train_indices']) - len(train_idx)} of the "
+                                  f"model's pretraining frames; give the whole file")
+        n_test = int(round(s.holdout_fraction * len(data)))
+        if s.holdout_fraction > 0 and len(data) >= 2:
+            n_test = min(max(n_test, 1), len(data) - 1)
+        else:
+            n_test = 0
+        order = np.random.default_rng(s.seed).permutation(len(data))
+        train = data.subset(np.sort(order[n_test:]))
+        test = data.subset(np.sort(order[:n_test])) if n_test else None
+        why = ("the model has no pretraining record on this file" if not pretrained_here
+               else "the file lacks some of the model's pretraining frames")
+        note = (f"{len(train)} of the {len(data)} frames of {data.source} ({why}); {n_test} held out "
+                f"(random, seed {s.seed}) for the error report")
+        if n_test:
+            note += ", which may include frames the model was trained on elsewhere"
+        return train, test, note
 
     def _terms(self) -> list[ObservableTerm]:
         terms = []
         for name, weight in zip(self.settings.observables, self.settings.observable_weights):
             observable = make_observable(name, self.train, bonds=self.bonds)
-            terms.append(ObservableTerm(observable, observable.reference(self.train), weight))
+            # auto weights stay 1 until the first learning epoch calibrates them
+            terms.append(ObservableTerm(observable, observable.reference(self.train),
+                                        1.0 if weight == AUTO else weight))
         return terms
 
     def _criterion(self):
@@ -322,16 +391,19 @@ class _Refinement:
                           check_interval=min(50, s.check_every, s.sample_every))
 
     def _record(self) -> dict:
-        return {"model": str(self.model_file.path), "data": self.data.source, "output": str(self.output),
-                "train_frames": self.frames_note, "settings": asdict(self.settings)}
+        return {"model": str(Path(self.model_file.path).resolve()), **data_record(self.data),
+                "output": str(self.output.resolve()), "train_frames": self.frames_note,
+                "settings": asdict(self.settings)}
 
     def _check_same_run(self, record: dict) -> None:
         saved = json.loads((self.directory / SETTINGS_NAME).read_text())
         old = {k: v for k, v in saved["settings"].items() if k not in BUDGET_KEYS}
         new = {k: v for k, v in record["settings"].items() if k not in BUDGET_KEYS}
         different = [k for k in new if old.get(k) != new[k]]
-        if saved.get("model") != record["model"] or saved.get("data") != record["data"]:
-            different = ["model/data"] + different
+        if saved.get("model") != record["model"]:
+            different = ["model"] + different
+        if saved.get("data_fingerprint") != record["data_fingerprint"]:
+            different = ["data (other frames)"] + different
         if different:
             raise ValueError(f"cannot resume {self.directory}: settings differ from the original run "
                              f"({', '.join(different)}); only the budgets ({', '.join(BUDGET_KEYS)}) may change")
@@ -359,12 +431,12 @@ class _Refinement:
                 self.state["wall_seconds"] = time.perf_counter() - started
                 row.update(epoch=self.state["epoch"], cycle=self.state["cycle"],
                            wall_time_s=round(self.state["wall_seconds"], 2))
+                self._advance_phase(row)
                 self.history.append(row)
                 with open(self.directory / LOG_NAME, "a") as log:
                     log.write(json.dumps(row, default=json_default) + "\n")
                 bar.set_postfix(phase=row["phase"], cycle=row["cycle"], unstable=f"{row['unstable_fraction']:.2f}",
                                 refresh=False)
-                self._advance_phase(row)
                 self._save_checkpoint()
         finally:
             bar.close()
@@ -385,8 +457,15 @@ class _Refinement:
 
     def _advance_phase(self, row: dict) -> None:
         s = self.settings
-        if row["phase"] == "simulation" and row["unstable_fraction"] >= s.f_max:
-            self.state["phase"] = "learning"
+        if row["phase"] == "simulation":
+            self.state["phase_epochs"] += 1
+            patient = (s.simulation_patience is not None and self.state["phase_epochs"] >= s.simulation_patience
+                       and self.replicas.unstable.any())
+            if row["unstable_fraction"] >= s.f_max or patient:
+                # a fairly stable model would otherwise simulate for tens of ps before learning anything
+                row["learning_starts"] = "f_max" if row["unstable_fraction"] >= s.f_max else "simulation patience"
+                self.state["phase"] = "learning"
+                self.state["phase_epochs"] = 0
         elif row["phase"] == "learning":
             if row.get("stop"):
                 self.state["stopped_by"] = row["stop"]
@@ -419,7 +498,9 @@ class _Refinement:
                             f"--timestep, a larger --threshold, or check that --temperature suits the data")
 
         start_step = replicas.step
+        started = time.perf_counter()
         done = replicas.run(s.steps_per_epoch, callback=observe, every=every)
+        self.state["seconds"]["simulation"] += time.perf_counter() - started
         # The shared clock moves by whole epochs even when every replica stopped early, so that
         # sampling and checks keep falling on the same steps of each epoch.
         if done < s.steps_per_epoch:
@@ -450,17 +531,38 @@ class _Refinement:
                "samples": int(len(samples)), "lr": self.optimizer.param_groups[0]["lr"]}
         self.optimizer.zero_grad(set_to_none=True)
         problem = None
+        calibrating = self.state["observable_weights"] is None
+        term_gradients: list[torch.Tensor] = []
+        clock = time.perf_counter()
         if len(samples) < 2:
             problem = "fewer than two samples"
         else:
-            result = boltzmann_gradient(self.model, samples, self.train.numbers, self.terms, s.temperature,
-                                        cells=self.cell, batch_size=s.estimator_batch)
-            row.update({"observable_loss": result.loss, **{f"loss_{k}": v for k, v in result.losses.items()}})
-            self._remember_means(result.means)
-            row["observable_grad_norm"] = _gradient_norm(self.model)
-            if not math.isfinite(result.loss):
+            if calibrating:
+                # one estimator pass per observable at unit weight, so each one's gradient is known
+                losses, means = {}, {}
+                for term in self.terms:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    single = ObservableTerm(term.observable, term.reference, 1.0)
+                    part = boltzmann_gradient(self.model, samples, self.train.numbers, [single], s.temperature,
+                                              cells=self.cell, batch_size=s.estimator_batch)
+                    losses.update(part.losses)
+                    means.update(part.means)
+                    term_gradients.append(_flat_gradient(self.model))
+                _set_flat_gradient(self.model, torch.stack(term_gradients).sum(dim=0))
+                loss = float(sum(losses.values()))
+            else:
+                result = boltzmann_gradient(self.model, samples, self.train.numbers, self.terms, s.temperature,
+                                            cells=self.cell, batch_size=s.estimator_batch)
+                losses, means, loss = result.losses, result.means, result.loss
+            row.update({"observable_loss": loss, **{f"loss_{k}": v for k, v in losses.items()}})
+            self._remember_means(means)
+            if not math.isfinite(loss):
                 problem = "non-finite observable loss"
+        self.state["seconds"]["estimator"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        qm_gradient = None
         if s.qm_weight > 0 and problem is None:
+            before = _flat_gradient(self.model)
             batch = self.qm_data.batch(torch.as_tensor(
                 self.rng.choice(len(self.qm_data), size=min(s.qm_batch, len(self.qm_data)), replace=False)))
             qm_loss, stats = self.qm_loss(self.model, batch)
@@ -468,10 +570,24 @@ class _Refinement:
             row["qm_force_mae_meV_per_A"] = 1000 * stats["force_abs_sum"] / stats["force_components"]
             if math.isfinite(row["qm_loss"]):
                 (s.qm_weight * qm_loss).backward()
+                qm_gradient = _flat_gradient(self.model) - before
             else:
                 problem = "non-finite energy/force loss"
+        if problem is None and calibrating:
+            weights = calibrated_weights(term_gradients, qm_gradient, s.observable_share)
+            if weights is None:
+                problem = "observable gradient is zero, cannot calibrate --obs-weight auto"
+            else:
+                self._apply_weights(weights)
+                row["observable_weights"] = weights
+                row["observable_loss"] = float(sum(w * v for w, v in zip(weights, losses.values())))
+                observable = sum(w * g for w, g in zip(weights, term_gradients))
+                _set_flat_gradient(self.model, observable + (0 if qm_gradient is None else qm_gradient))
         if problem is None:
-            norm = _gradient_norm(self.model)
+            total = _flat_gradient(self.model)
+            observable_part = total - qm_gradient if qm_gradient is not None else total
+            row["observable_grad_norm"] = float(observable_part.norm())
+            norm = float(total.norm())
             row["grad_norm"] = norm
             if not math.isfinite(norm):
                 problem = "non-finite gradient"
@@ -487,8 +603,14 @@ class _Refinement:
             row["skipped"] = problem
             if self.state["nan_failures"] >= s.nan_patience:
                 row["stop"] = f"{s.nan_patience} skipped steps in a row ({problem})"
+        self.state["seconds"]["energy_force"] += time.perf_counter() - clock
         self.state["learning_epochs"] += 1
         return row
+
+    def _apply_weights(self, weights: list[float]) -> None:
+        self.state["observable_weights"] = list(weights)
+        for term, weight in zip(self.terms, weights):
+            term.weight = weight
 
     def _observable_losses(self, samples: np.ndarray) -> dict:
         if len(samples) == 0:
@@ -510,7 +632,7 @@ class _Refinement:
         self.last_means = as_lists
 
     def _test_errors(self) -> Optional[dict]:
-        if len(self.test) == 0:
+        if self.test is None:
             return None
         frames = self.test.subset(np.arange(min(len(self.test), 500)))
         return prediction_errors(self.model, frames)
@@ -552,6 +674,8 @@ class _Refinement:
         self.rewind_velocities = payload["rewind_velocities"].numpy().copy()
         self.state = json.loads(payload["state"])
         self.state["stopped_by"] = None
+        if self.state["observable_weights"] is not None:
+            self._apply_weights(self.state["observable_weights"])
         self.history = json.loads(payload["history"])
         self.rng.bit_generator.state = json.loads(payload["rng"])
         means = json.loads(payload["means"])
@@ -560,20 +684,40 @@ class _Refinement:
         truncate_jsonl_log(self.directory / LOG_NAME, self.state["epoch"])
 
     # -- the end ---------------------------------------------------------------------------------------
+    def _gradient_shares(self) -> list[float]:
+        return [row["observable_grad_norm"] / row["grad_norm"] for row in self.history
+                if row["phase"] == "learning" and row.get("grad_norm") and "observable_grad_norm" in row]
+
     def _weight_advice(self) -> Optional[str]:
         """A hint when the observable gradient was too small next to the energy/force gradient to steer learning."""
-        ratios = [row["observable_grad_norm"] / row["grad_norm"] for row in self.history
-                  if row["phase"] == "learning" and row.get("grad_norm") and "observable_grad_norm" in row]
+        ratios = self._gradient_shares()
         if not ratios or self.settings.qm_weight == 0:
             return None
         ratio = float(np.median(ratios))
         if ratio >= OBSERVABLE_GRADIENT_SHARE_LOW:
             return None
-        factor = OBSERVABLE_GRADIENT_SHARE_TARGET / max(ratio, 1e-12)
+        if self.settings.auto_weights:
+            return (f"the observable gradient fell to {100 * ratio:.1g}% of the total gradient (median over learning "
+                    f"epochs) after its calibration to {100 * self.settings.observable_share:g}%; try a larger "
+                    f"--obs-share")
+        factor = DEFAULT_OBSERVABLE_SHARE / max(ratio, 1e-12)
         weights = ", ".join(f"{w * factor:.3g}" for w in self.settings.observable_weights)
         return (f"the observable gradient was only {100 * ratio:.1g}% of the total gradient (median over learning "
-                f"epochs), so the energy/force term decided almost every step; try --obs-weight {weights} (or a "
-                f"--qm-weight {factor:.3g} times smaller)")
+                f"epochs), so the energy/force term decided almost every step; try --obs-weight auto, or "
+                f"--obs-weight {weights} (or a --qm-weight {factor:.3g} times smaller)")
+
+    def _time_split(self) -> dict:
+        seconds = {part: round(self.state["seconds"][part], 1) for part in TIME_PARTS}
+        total = sum(self.state["seconds"].values())
+        first = next((k for k, row in enumerate(self.history) if row["phase"] == "learning"), None)
+        before = self.history[:first] if first is not None else []
+        return {"seconds": seconds,
+                "fractions": {part: round(self.state["seconds"][part] / total, 3) if total else None
+                              for part in TIME_PARTS},
+                # how long the first simulation phase took to find enough unstable replicas to learn from
+                "first_learning_epoch_after_ps": max((row.get("simulated_time_ps", 0.0) for row in before),
+                                                     default=None if first is None else 0.0),
+                "first_learning_epoch_after_s": before[-1]["wall_time_s"] if before else None}
 
     def _finish(self) -> RefineResult:
         from stable_md import plots
@@ -590,9 +734,16 @@ class _Refinement:
         else:
             message = (f"no replica became unstable enough to learn from (f_max = {s.f_max}) in "
                        f"{self.state['simulated_steps'] * s.timestep / 1000:g} ps of simulation; the model is unchanged")
+        shares = self._gradient_shares()
         summary = {
             "message": message,
             "advice": self._weight_advice(),
+            "observable_weights": self.state["observable_weights"],
+            "observable_weights_from": (f"calibrated at the first learning epoch so that the observables held "
+                                        f"{100 * s.observable_share:g}% of the gradient norm (--obs-weight auto)"
+                                        if s.auto_weights else "given (--obs-weight)"),
+            "observable_gradient_share_median": float(np.median(shares)) if shares else None,
+            "time_split": self._time_split(),
             "stopped_by": self.state["stopped_by"],
             "refined": learned,
             "cycles": self.state["cycle"],
@@ -608,7 +759,9 @@ class _Refinement:
         figures = plots.refine_figures(self.history, self.terms, self.first_means, self.last_means, self.directory)
         summary["figures"] = [str(p) for p in figures]
         write_json(self.directory / SUMMARY_NAME, summary)
-        entry = {"stage": "refine", "data": self.data.source, "train_frames": self.frames_note,
+        entry = {"stage": "refine", **data_record(self.data), "train_frames": self.frames_note,
+                 "train_indices": self.train.indices.tolist(),
+                 "test_indices": [] if self.test is None else self.test.indices.tolist(),
                  "settings": asdict(s), "summary": {k: v for k, v in summary.items() if k != "figures"},
                  "history": self.history}
         metadata = build_metadata(self.model, dict(self.model_file.metadata.get("hyperparameters", {})),
@@ -625,7 +778,45 @@ _METADATA_REBUILT = ("format", "format_version", "arch", "hyperparameters", "cut
                      "energy_shift_eV", "energy_scale_eV", "dtype", "n_parameters")
 
 
-def _gradient_norm(model: nn.Module) -> float:
-    squares = [p.grad.detach().double().pow(2).sum() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+def calibrated_weights(term_gradients: Sequence[torch.Tensor], qm_gradient: Optional[torch.Tensor],
+                       share: float) -> Optional[list[float]]:
+    """Observable weights for ``--obs-weight auto``: each observable's gradient gets the same norm, and together
+    they hold ``share`` of the norm of the total gradient ``Σ w_k g_k + g_qm``.
+
+    With o = Σ g_k/|g_k| (a = |o|, b = |g_qm|, c = cos(o, g_qm)) the common factor x
+    solves |x o| = share · |x o + g_qm|, i.e. x²a²(1 − s²) − 2 s² x a b c − s² b² = 0.
+    Without an energy/force term (λ = 0) the share is 1 whatever the weights, so each
+    observable gets weight 1/|g_k| (equal norms, unit total scale). ``None`` when an
+    observable gradient is zero or not finite.
+    """
+    norms = [float(g.norm()) for g in term_gradients]
+    if not norms or any(not (n > 0 and math.isfinite(n)) for n in norms):
+        return None
+    unit = sum(g / n for g, n in zip(term_gradients, norms))
+    a = float(unit.norm())
+    b = 0.0 if qm_gradient is None else float(qm_gradient.norm())
+    if b == 0.0 or a == 0.0:
+        factor = 1.0 / max(a, 1e-300)
+    else:
+        cosine = float(unit @ qm_gradient) / (a * b)
+        s2 = share * share
+        factor = (s2 * a * b * cosine + math.sqrt((s2 * a * b * cosine) ** 2 + (1 - s2) * a * a * s2 * b * b)) / (
+            a * a * (1 - s2))
+    return [factor / n for n in norms]
+
+
+def _flat_gradient(model: nn.Module) -> torch.Tensor:
+    """All parameter gradients as one float64 vector (zeros where a parameter has none)."""
+    return torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).double().reshape(-1)
+                      for p in model.parameters() if p.requires_grad])
+
+
+def _set_flat_gradient(model: nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        size = p.numel()
+        p.grad = flat[offset:offset + size].reshape(p.shape).to(p.dtype).clone()
+        offset += size
 

@@ -52,7 +52,22 @@ def test_two_copies_of_a_model_see_identical_held_out_starts(tmp_path, pretraine
     times = np.array(a["stable_time_ps"])
     assert np.all((times >= 0) & (times <= total_ps + 1e-9))
     assert a["n_unstable"] == int(np.sum(a["unstable"])) == int(np.sum(times < total_ps - 1e-9))
-    assert a["median_stable_time_ps"] == pytest.approx(np.median(times))
+    # survival statistics: KM median (the cap when fewer than half failed), RMST = mean of the capped times
+    survival = a["survival"]
+    assert survival["n"] == 6 and survival["n_unstable"] == a["n_unstable"]
+    ordered = np.sort(times)
+    expected_median = ordered[2] if a["n_unstable"] >= 3 else total_ps
+    assert a["median_stable_time_ps"] == pytest.approx(expected_median)
+    assert a["median_censored"] == (a["n_unstable"] < 3)
+    assert survival["rmst_ps"] == pytest.approx(times.mean())
+    assert survival["rmst_ci_ps"][0] <= survival["rmst_ps"] <= survival["rmst_ci_ps"][1]
+    (comparison,) = report["comparisons"]
+    assert comparison["label"] == "b" and comparison["baseline"] == "a"
+    assert comparison["logrank_p"] == pytest.approx(1.0) and comparison["rmst_ratio"] == pytest.approx(1.0)
+    from stable_md.evaluation import summary_table
+
+    table = summary_table(report)
+    assert "log-rank p" in table[0] and "1 (baseline)" in table[1] and "Kaplan-Meier" in table[-1]
     fraction = np.array(a["unstable_fraction_curve"]["fraction"])
     assert np.all(np.diff(fraction) >= 0) and fraction[-1] == pytest.approx(a["unstable_fraction_end"])
 
