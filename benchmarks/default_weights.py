@@ -82,14 +82,17 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda job: one_row(job[0], job[1], args), jobs))
     lines = ["| data | atoms | backbone | learning epochs | calibrated weight | observable share, median (min) | "
-             "held-out force MAE before → after (meV/Å) |", "|---|---|---|---|---|---|---|"]
+             "held-out force MAE before → after (meV/Å) | first learning epoch after (ps of MD) | share of time in MD |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         share = "n/a" if row["share_median"] is None else f"{100 * row['share_median']:.0f}% ({100 * row['share_min']:.0f}%)"
         weight = "n/a" if row["weight"] is None else f"{row['weight'][0]:.3g}"
         errors = ("n/a" if row["force_mae_before"] is None else
                   f"{row['force_mae_before']:.1f} → {row['force_mae_after']:.1f}")
+        split = row["time_split"]
         lines.append(f"| {row['data']} | {row['atoms']} | {row['arch']} | {row['learning_epochs']} | {weight} | "
-                     f"{share} | {errors} |")
+                     f"{share} | {errors} | {split['first_learning_epoch_after_ps']} | "
+                     f"{100 * split['fractions']['simulation']:.0f}% |")
     text = "\n".join(lines)
     print(text)
     Path(args.output, "default_weights.md").write_text(text + "\n")
