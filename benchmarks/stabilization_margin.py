@@ -39,7 +39,8 @@ def one_case(job: tuple[int, str, str]) -> dict:
     return {"seed": seed, "dtype": dtype, "unstable_before": before["n_unstable"],
             "unstable_after": after["n_unstable"], "replicas": before["n_replicas"],
             "logrank_p": comparison["logrank_p"], "rmst_ratio": comparison["rmst_ratio"],
-            "rmst_ratio_ci": comparison["rmst_ratio_ci"], "weight": summary["observable_weights"][0],
+            "rmst_ratio_ci": comparison["rmst_ratio_ci"], "learning_epochs": summary["learning_epochs"],
+            "weight": summary["observable_weights"][0],
             "share_median": summary["observable_gradient_share_median"],
             "force_mae": [summary["test_errors_before"]["force_mae_meV_per_A"],
                           summary["test_errors_after"]["force_mae_meV_per_A"]]}
@@ -65,13 +66,14 @@ def main() -> int:
             with open(record, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
     rows.sort(key=lambda row: (row["dtype"], row["seed"]))
-    print("| dtype | seed | unstable before → after (of 96) | log-rank p | RMST ratio [95% CI] | calibrated weight | "
-          "observable share (median) | force MAE before → after (meV/Å) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dtype | seed | unstable before → after (of 96) | log-rank p | RMST ratio [95% CI] | learning epochs | "
+          "calibrated weight | observable share (median) | force MAE before → after (meV/Å) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         low, high = row["rmst_ratio_ci"]
         print(f"| {row['dtype']} | {row['seed']} | {row['unstable_before']} → {row['unstable_after']} | "
-              f"{row['logrank_p']:.1e} | {row['rmst_ratio']:.3f} [{low:.3f}, {high:.3f}] | {row['weight']:.3g} | "
+              f"{row['logrank_p']:.1e} | {row['rmst_ratio']:.3f} [{low:.3f}, {high:.3f}] | {row['learning_epochs']} | "
+              f"{row['weight']:.3g} | "
               f"{100 * row['share_median']:.0f}% | {row['force_mae'][0]:.1f} → {row['force_mae'][1]:.1f} |")
     print(f"worst log-rank p {max(row['logrank_p'] for row in rows):.2g} (test asserts < 0.01); lowest RMST-ratio "
           f"bound {min(row['rmst_ratio_ci'][0] for row in rows):.3f} (test asserts > 1)")

@@ -139,8 +139,11 @@ def logrank_p(baseline: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, 
     (times_a, events_a), (times_b, events_b) = _check(*baseline), _check(*other)
     if not (events_a.any() or events_b.any()):
         return 1.0  # nothing failed in either: no evidence of a difference
-    return float(stats.logrank(stats.CensoredData.right_censored(times_a, ~events_a),
-                               stats.CensoredData.right_censored(times_b, ~events_b)).pvalue)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_value = float(stats.logrank(stats.CensoredData.right_censored(times_a, ~events_a),
+                                      stats.CensoredData.right_censored(times_b, ~events_b)).pvalue)
+    # zero variance (e.g. every replica of both failing at the same check): the samples cannot be told apart
+    return p_value if np.isfinite(p_value) else 1.0
 
 
 def compare(baseline: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray], cap: float,

@@ -19,7 +19,8 @@ def pretrain_weak_model(data, output: Path, dtype: str = "float32") -> Path:
 
 
 def refine_settings(seed: int):
-    """Defaults (auto weights, simulation patience) except the budget: 30 learning epochs."""
+    """Defaults (auto weights, simulation patience) except the budget: at most 30 learning epochs, 10 cycles
+    and 12 ps of simulation phases (whichever ends first; 11-30 learning epochs were measured)."""
     from stable_md.refinement import RefineSettings
 
     return RefineSettings(n_replicas=32, steps_per_epoch=400, max_cycles=10, max_epochs=30,

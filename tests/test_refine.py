@@ -145,13 +145,15 @@ def test_refine_stabilizes_a_weak_model_on_held_out_starts(tmp_path, ethanol):
 
     MD is chaotic, so single trajectories and counts differ between CPUs; the assertions are statistics
     with a margin measured over seeds 0-4 in float32 and float64 (``python benchmarks/stabilization_margin.py``,
-    table in docs/results.md): log-rank p between MARGIN_P (asserted < 0.01) and the lower 95 % bound of the
-    restricted-mean ratio between MARGIN_RMST (asserted > 1).
+    table in docs/results.md): log-rank p from 5.5e-11 to 6.9e-4 (asserted < 0.01, 14x above the worst),
+    the lower 95 % bound of the restricted-mean ratio from 1.054 to 1.137 (asserted > 1), 11 to 30
+    learning epochs before the 12 ps simulation budget ended the run (asserted >= 5), and force MAE after
+    at most 1.3 % above before (asserted < +25 %).
     """
     from stabilization_case import run_case
 
     summary, report = run_case(ethanol, tmp_path, seed=0)
-    assert summary["refined"] and summary["learning_epochs"] == 30
+    assert summary["refined"] and summary["learning_epochs"] >= 5
     before, after = report["models"]
     (comparison,) = report["comparisons"]
     print(f"held-out replicas unstable within 3 ps: {before['n_unstable']} of 96 before refine, "

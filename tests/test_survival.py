@@ -109,3 +109,8 @@ def test_ratio_of_two_medians_beyond_the_cap_is_unknown_but_restricted_means_com
     result = compare(weak, strong, cap)
     assert result["median_ratio"] is None and result["median_ratio_ci"] is None
     assert result["rmst_ratio"] > 1 and result["rmst_ratio_ci"][0] <= result["rmst_ratio"]
+
+
+def test_samples_that_cannot_be_told_apart_give_p_one_not_nan():
+    everything_fails_at_once = (np.full(6, 0.05), np.ones(6, dtype=bool))
+    assert logrank_p(everything_fails_at_once, everything_fails_at_once) == 1.0
