@@ -3,7 +3,8 @@
 Uses the bundled ethanol GFN2-xTB set (data/ethanol_xtb_500K.extxyz, 500 frames at 500 K) and the
 same ``stable-md`` commands a user types. The starting model is deliberately weak (a small SchNet
 fitted briefly to 100 frames), the situation StABlE refinement is for: its MD replicas break bonds.
-Writes everything into ``demo_output/`` (replaced on every run); 5 minutes on 2 cores, measured.
+Writes everything into ``demo_output/`` (replaced on every run); measured: 10 minutes on 2 cores
+while a test run shared them.
 """
 from __future__ import annotations
 
@@ -77,17 +78,17 @@ def main() -> int:
         return f"{result['survival']['rmst_ps']:.2f} [{low:.2f}, {high:.2f}]"
 
     (comparison,) = report["comparisons"]
-    print(f"{'':<34}{'before':>20}{'after':>20}")
-    print(f"{'median stable time (ps)':<34}{median(before):>20}{median(after):>20}")
-    print(f"{'restricted mean (ps) [95% CI]':<34}{rmst(before):>20}{rmst(after):>20}")
-    print(f"{'unstable at the end':<34}{before['n_unstable']:>17d}/{before['n_replicas']:<2d}"
-          f"{after['n_unstable']:>17d}/{after['n_replicas']:<2d}")
-    print(f"{'h(r) error ∫|h − h_ref| dr':<34}{before['observable']['error']:>20.4f}"
-          f"{after['observable']['error']:>20.4f}")
-    print(f"{'force MAE (meV/Å)':<34}{before['errors']['force_mae_meV_per_A']:>20.1f}"
-          f"{after['errors']['force_mae_meV_per_A']:>20.1f}")
-    print(f"{'energy MAE (meV)':<34}{before['errors']['energy_mae_meV']:>20.1f}"
-          f"{after['errors']['energy_mae_meV']:>20.1f}")
+    print(f"{'':<34}{'before':>24}{'after':>24}")
+    print(f"{'median stable time (ps)':<34}{median(before):>24}{median(after):>24}")
+    print(f"{'restricted mean (ps) [95% CI]':<34}{rmst(before):>24}{rmst(after):>24}")
+    print(f"{'unstable at the end':<34}{before['n_unstable']:>21d}/{before['n_replicas']:<2d}"
+          f"{after['n_unstable']:>21d}/{after['n_replicas']:<2d}")
+    print(f"{'h(r) error ∫|h − h_ref| dr':<34}{before['observable']['error']:>24.4f}"
+          f"{after['observable']['error']:>24.4f}")
+    print(f"{'force MAE (meV/Å)':<34}{before['errors']['force_mae_meV_per_A']:>24.1f}"
+          f"{after['errors']['force_mae_meV_per_A']:>24.1f}")
+    print(f"{'energy MAE (meV)':<34}{before['errors']['energy_mae_meV']:>24.1f}"
+          f"{after['errors']['energy_mae_meV']:>24.1f}")
     low, high = comparison["rmst_ratio_ci"]
     total = report["settings"]["total_time"] / 1000.0
     print(f"after / before: restricted mean ×{comparison['rmst_ratio']:.2f} [95% CI {low:.2f}, {high:.2f}], "
