@@ -55,11 +55,7 @@ def kaplan_meier(times: np.ndarray, events: np.ndarray) -> KaplanMeier:
     events: True where the replica became unstable at that time, False where it was
         still stable when the evaluation stopped (censored).
     """
-    times, events = _check(times, events)
-    distinct = np.unique(times[events])
-    at_risk = (times[None, :] >= distinct[:, None]).sum(axis=1)
-    died = (times[None, :] == distinct[:, None]) & events[None, :]
-    deaths = died.sum(axis=1)
+    distinct, at_risk, deaths = _km_steps(*_check(times, events))
     survival = np.cumprod(1.0 - deaths / at_risk)
     with np.errstate(divide="ignore", invalid="ignore"):
         greenwood = np.cumsum(deaths / (at_risk * (at_risk - deaths)))
@@ -220,21 +216,22 @@ def _bootstrap_statistics(times: np.ndarray, events: np.ndarray, cap: float, rng
     medians = np.empty(samples)
     areas = np.empty(samples)
     for k in range(samples):
-        curve_t, curve_s = _km_fast(times[picks[k]], events[picks[k]])
-        medians[k] = _first_below(curve_t, curve_s, 0.5)
-        areas[k] = _area(curve_t, curve_s, cap)
+        time, at_risk, deaths = _km_steps(times[picks[k]], events[picks[k]])
+        survival = np.cumprod(1.0 - deaths / at_risk)
+        medians[k] = _first_below(time, survival, 0.5)
+        areas[k] = _area(time, survival, cap)
     return {"median": medians, "rmst": areas}
 
 
-def _km_fast(times: np.ndarray, events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """KM steps without the band (bootstrap inner loop)."""
+def _km_steps(times: np.ndarray, events: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct event times with the replicas at risk and the events at each (sorted, O(n log n))."""
     order = np.argsort(times, kind="stable")
     times, events = times[order], events[order]
     distinct, first = np.unique(times, return_index=True)
     deaths = np.add.reduceat(events.astype(np.int64), first)
     at_risk = len(times) - first
     keep = deaths > 0
-    return distinct[keep], np.cumprod(1.0 - deaths[keep] / at_risk[keep])
+    return distinct[keep], at_risk[keep], deaths[keep]
 
 
 def _finite_or_none(value: float) -> Optional[float]:
