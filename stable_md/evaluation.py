@@ -210,7 +210,8 @@ def survival_statistics(results: list[dict], settings: EvaluateSettings) -> list
     samples = [(np.asarray(r["stable_time_ps"]), np.asarray(r["unstable"], dtype=bool)) for r in results]
     for result, (times, events) in zip(results, samples):
         result["survival"] = summarize(times, events, cap, seed=settings.seed).to_json()
-        result["median_stable_time_ps"] = result["survival"]["median_ps"] or cap
+        median = result["survival"]["median_ps"]
+        result["median_stable_time_ps"] = cap if median is None else median  # None: beyond the cap
         result["median_censored"] = result["survival"]["median_censored"]
     return [{"label": result["label"], "baseline": results[0]["label"],
              **compare(samples[0], pair, cap, seed=settings.seed)}
