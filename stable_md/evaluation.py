@@ -180,6 +180,8 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                       "reweighting": None if reweighting is None else reweighting.describe()},
         "bonds": int(len(bonds.pairs)),
     }
+    if resume:
+        _check_same_plan(directory, plan, asdict(settings))
     write_json(directory / "plan.json", {"settings": asdict(settings), **plan})
     pending = []
     for model, label in zip(models, labels):
@@ -317,6 +319,29 @@ def _prepare(directory: Path, overwrite: bool, resume: bool) -> None:
         else:
             path.unlink()
     (directory / MODELS_DIRECTORY).mkdir(parents=True, exist_ok=True)
+
+
+def _check_same_plan(directory: Path, plan: dict, settings: dict) -> None:
+    """A resumed evaluation may add models, but every model must run with the same settings from the same frames
+    of the same data.
+
+    The held-out starts follow from the training frames the given models record, so a model
+    trained on other frames (or another data file) would otherwise be compared from other starts.
+    """
+    path = directory / "plan.json"
+    if not path.exists():
+        return
+    earlier = json.loads(path.read_text())
+    different = [key for key in _RESUME_KEYS if earlier.get("settings", {}).get(key) != settings.get(key)]
+    if different:
+        # checked before the plan is rewritten, so a refused resume leaves the earlier evaluation as it was
+        raise ValueError(f"cannot resume {directory}: it was made with other settings ({', '.join(different)} "
+                         f"differ); use --overwrite or another --output")
+    for key, what in (("data_fingerprint", "data"), ("start_frames", "held-out starting frames")):
+        if earlier.get(key) is not None and earlier.get(key) != plan[key]:
+            raise ValueError(f"cannot resume {directory}: its finished models ran on other {what} than these models "
+                             f"and --data give now (the models' recorded training frames decide the held-out "
+                             f"starts); use --overwrite or another --output")
 
 
 def _held_out_frames(data: Dataset, metadata: Sequence[dict]) -> tuple[np.ndarray, str]:

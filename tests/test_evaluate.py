@@ -103,6 +103,18 @@ def test_reweighted_reference_and_resume(tmp_path, pretrained_model, ethanol):
     with pytest.raises(ValueError, match="temperature"):
         evaluate([pretrained_model], ethanol, tmp_path / "cold", EvaluateSettings(**QUICK), labels=["m"],
                  resume=True, progress=False)
+    # a resume may add a model, but only one that leaves the same held-out starts of the same data
+    moved = ethanol.subset(np.arange(len(ethanol)))
+    moved.positions = moved.positions + 1e-3
+    moved.origin = None  # other frames than the file's: another fingerprint, and no model trained on them
+    other_frames = moved
+    with pytest.raises(ValueError, match="other data"):
+        evaluate([pretrained_model], other_frames, tmp_path / "cold", settings, labels=["m"], resume=True,
+                 progress=False)
+    added = evaluate([pretrained_model, pretrained_model], ethanol, tmp_path / "cold", settings,
+                     labels=["m", "again"], resume=True, progress=False)
+    assert added["models"][0]["wall_seconds"] == first["models"][0]["wall_seconds"]
+    assert added["start_frames"] == first["start_frames"] and [m["label"] for m in added["models"]] == ["m", "again"]
 
 
 def test_cli_evaluate_prints_the_table_and_names_bad_input(tmp_path, pretrained_model, ethanol_path, capsys):

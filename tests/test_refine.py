@@ -188,12 +188,18 @@ def test_auto_weight_gives_the_observables_their_share_and_is_recorded(tmp_path,
     assert settings.auto_weights
     result = refine(pretrained_model, ethanol_path, tmp_path / "auto.pt", settings, progress=False)
     learning = [row for row in result.history if row["phase"] == "learning"]
-    first = learning[0]
-    weights = first["observable_weights"]
-    assert first["observable_grad_norm"] / first["grad_norm"] == pytest.approx(0.4, rel=1e-6)
-    assert all("observable_weights" not in row for row in learning[1:])
-    assert result.summary["observable_weights"] == weights and len(weights) == 2
-    assert result.summary["observable_gradient_share_median"] > 0
+    assert len(learning) >= 2
+    # every learning step holds the share, with weights of its own (the energy/force gradient changes as the
+    # model leaves its pretrained minimum, so weights fixed at the first epoch would not)
+    for row in learning:
+        assert row["observable_grad_norm"] / row["grad_norm"] == pytest.approx(0.4, rel=1e-6)
+        assert len(row["observable_weights"]) == 2 and min(row["observable_weights"]) > 0
+    assert learning[0]["observable_weights"] != learning[-1]["observable_weights"]
+    weights = learning[-1]["observable_weights"]
+    assert result.summary["observable_weights"] == weights
+    median = np.median([row["observable_weights"] for row in learning], axis=0)
+    assert result.summary["observable_weights_median"] == pytest.approx(median.tolist())
+    assert result.summary["observable_gradient_share_median"] == pytest.approx(0.4, rel=1e-6)
     entry = read_metadata(tmp_path / "auto.pt")["history"][-1]
     assert entry["summary"]["observable_weights"] == weights and entry["settings"]["observable_weights"] == ["auto", "auto"]
     # the time split adds up and names where the time went
