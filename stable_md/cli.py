@@ -210,12 +210,12 @@ def _add_refine_parser(commands) -> None:
                    help="observable to match, repeatable: " + "; ".join(f"{k}: {v}" for k, v in OBSERVABLES.items())
                         + " (default: hr)")
     p.add_argument("--obs-weight", type=_observable_weight, action="append", default=None,
-                   help="weight of each --obs, in the same order, or auto (default): set at every learning "
-                        "epoch so that the observables hold --obs-share of that step's gradient norm, whatever "
-                        "the molecule's size or the backbone")
+                   help="weight of each --obs, in the same order, or auto (default): calibrated at the first "
+                        "learning epoch and raised on later ones so that the observables hold at least "
+                        "--obs-share of every step's gradient norm, whatever the molecule's size or the backbone")
     p.add_argument("--obs-share", type=float, default=0.3,
-                   help="with --obs-weight auto: the observables' share of each learning step's gradient norm "
-                        "(default: 0.3)")
+                   help="with --obs-weight auto: the least share of each learning step's gradient norm the "
+                        "observables hold (default: 0.3)")
     p.add_argument("--criterion", choices=["bond", "imd"], default="bond",
                    help="instability criterion: bond (bond-length deviation, molecules) or imd (minimum "
                         "intermolecular distance, liquids); default: bond")
@@ -528,7 +528,7 @@ def _refine(args: argparse.Namespace) -> int:
     if summary["observable_weights"] is not None:
         share = summary["observable_gradient_share_median"]
         shown = ", ".join(f"{w:.4g}" for w in summary["observable_weights_median"])
-        print(f"observable weights {shown}" + (" (median over learning epochs)" if settings.auto_weights else "")
+        print(f"observable weights {shown}" + (", median over learning epochs," if settings.auto_weights else "")
               + f" ({summary['observable_weights_from']})"
               + ("" if share is None else f"; median observable share of the gradient {100 * share:.0f}%"))
     if summary.get("advice"):

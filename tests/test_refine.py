@@ -144,11 +144,13 @@ def test_refine_stabilizes_a_weak_model_on_held_out_starts(tmp_path, ethanol):
     weights (auto), replicas started from 96 frames it never saw stay stable longer, by a log-rank test.
 
     MD is chaotic, so single trajectories and counts differ between CPUs; the assertions are statistics
-    with a margin measured over seeds 0-4 in float32 and float64 (``python benchmarks/stabilization_margin.py``,
-    table in docs/results.md): log-rank p from 5.5e-11 to 6.9e-4 (asserted < 0.01, 14x above the worst),
-    the lower 95 % bound of the restricted-mean ratio from 1.054 to 1.137 (asserted > 1), 11 to 30
-    learning epochs before the 12 ps simulation budget ended the run (asserted >= 5), and force MAE after
-    at most 1.3 % above before (asserted < +25 %).
+    with a margin measured with ``python benchmarks/stabilization_margin.py`` (table in docs/results.md).
+    On this case auto weights never needed raising after the first epoch (the weak model's energy/force
+    gradient shrinks as it learns), so the margin measured with weights calibrated once, over seeds 0-4
+    in float32 and float64, applies: log-rank p from 5.5e-11 to 6.9e-4 (asserted < 0.01, the worst 14x
+    below it), lower 95 % bound of the restricted-mean ratio 1.054 to 1.137 (asserted > 1), 11 to 30
+    learning epochs (asserted >= 5), force MAE at most 1.3 % above before (asserted < +25 %). With the
+    committed rule, seed 0 gave p = 2.0e-5 and a bound of 1.078 in float32, p = 2.6e-7 and 1.093 in float64.
     """
     from stabilization_case import run_case
 
@@ -189,17 +191,22 @@ def test_auto_weight_gives_the_observables_their_share_and_is_recorded(tmp_path,
     result = refine(pretrained_model, ethanol_path, tmp_path / "auto.pt", settings, progress=False)
     learning = [row for row in result.history if row["phase"] == "learning"]
     assert len(learning) >= 2
-    # every learning step holds the share, with weights of its own (the energy/force gradient changes as the
-    # model leaves its pretrained minimum, so weights fixed at the first epoch would not)
+    # the first epoch is calibrated to the share; every later step holds at least the share, with the first
+    # weights while they suffice and weights solved for exactly the share where they would not
+    first = learning[0]["observable_weights"]
+    assert learning[0]["observable_grad_norm"] / learning[0]["grad_norm"] == pytest.approx(0.4, rel=1e-6)
     for row in learning:
-        assert row["observable_grad_norm"] / row["grad_norm"] == pytest.approx(0.4, rel=1e-6)
+        share = row["observable_grad_norm"] / row["grad_norm"]
         assert len(row["observable_weights"]) == 2 and min(row["observable_weights"]) > 0
-    assert learning[0]["observable_weights"] != learning[-1]["observable_weights"]
+        if row["observable_weights"] == first:
+            assert share >= 0.4 * (1 - 1e-6)
+        else:
+            assert share == pytest.approx(0.4, rel=1e-6)
     weights = learning[-1]["observable_weights"]
-    assert result.summary["observable_weights"] == weights
+    assert result.summary["observable_weights"] == weights and result.summary["observable_weights_first"] == first
     median = np.median([row["observable_weights"] for row in learning], axis=0)
     assert result.summary["observable_weights_median"] == pytest.approx(median.tolist())
-    assert result.summary["observable_gradient_share_median"] == pytest.approx(0.4, rel=1e-6)
+    assert result.summary["observable_gradient_share_median"] >= 0.4 * (1 - 1e-6)
     entry = read_metadata(tmp_path / "auto.pt")["history"][-1]
     assert entry["summary"]["observable_weights"] == weights and entry["settings"]["observable_weights"] == ["auto", "auto"]
     # the time split adds up and names where the time went
@@ -224,6 +231,30 @@ def test_calibrated_weights_solve_for_the_share():
     assert calibrated_weights([torch.zeros(5)], torch.ones(5), 0.3) is None
     only = calibrated_weights([torch.full((4,), 2.0)], None, 0.3)
     assert only == [pytest.approx(1 / 4.0)]
+
+
+def test_epoch_weights_keep_the_first_weights_until_the_share_would_fall():
+    from stable_md.refinement import calibrated_weights, epoch_weights
+
+    generator = torch.Generator().manual_seed(1)
+    terms = [torch.randn(40, generator=generator, dtype=torch.float64) * scale for scale in (0.01, 3.0)]
+    qm = torch.randn(40, generator=generator, dtype=torch.float64) * 20
+
+    def share(weights, qm_gradient):
+        observable = sum(w * g for w, g in zip(weights, terms))
+        return float(observable.norm() / (observable + qm_gradient).norm())
+
+    first = calibrated_weights(terms, qm, 0.3)
+    assert epoch_weights(None, terms, qm, 0.3) == pytest.approx(first)
+    # the energy/force gradient shrinks (a model still learning its data): the first weights stay, above the share
+    kept = epoch_weights(first, terms, 0.3 * qm, 0.3)
+    assert kept == first and share(kept, 0.3 * qm) > 0.3
+    # it grows (one step off a converged minimum): weights solved anew for exactly the share, larger than before
+    raised = epoch_weights(first, terms, 8.0 * qm, 0.3)
+    assert share(raised, 8.0 * qm) == pytest.approx(0.3, rel=1e-9)
+    assert all(new > old for new, old in zip(raised, first))
+    assert epoch_weights(first, terms, None, 0.3) == first
+    assert epoch_weights(None, [torch.zeros(3)], torch.ones(3), 0.3) is None
 
 
 def test_auto_and_numbers_do_not_mix():

@@ -69,7 +69,7 @@ def test_refine_an_imported_model_from_another_directory_with_default_weights(tm
     assert main(["refine", "m.pt", "--data", "train.xyz", "--obs", "hr"] + QUICK) == 0
     out = capsys.readouterr().out
     assert "no pretraining record" in out and "held-out force MAE" in out
-    assert "set at every learning epoch" in out
+    assert "calibrated at the first learning epoch and raised" in out
 
     metadata = read_metadata(work / "m.stable.pt")
     entry = metadata["history"][-1]
@@ -88,7 +88,8 @@ def test_refine_an_imported_model_from_another_directory_with_default_weights(tm
     assert len(weights) == 1 and weights[0] > 0
     learning = [row for row in entry["history"] if row["phase"] == "learning"]
     assert learning and learning[-1]["observable_weights"] == weights
-    assert all(row["observable_grad_norm"] / row["grad_norm"] == pytest.approx(0.3, rel=1e-6) for row in learning)
+    assert learning[0]["observable_grad_norm"] / learning[0]["grad_norm"] == pytest.approx(0.3, rel=1e-6)
+    assert all(row["observable_grad_norm"] / row["grad_norm"] >= 0.3 * (1 - 1e-6) for row in learning)
 
     # evaluate from yet another directory counts the refine run's training frames as used
     elsewhere = tmp_path / "elsewhere"

@@ -5,7 +5,7 @@ From the committed GFN2-xTB data set (data/aspirin_xtb_500K.npz, 12,000 frames a
 1. pretrains the baseline SchNet on 1,000 frames and, in parallel on the second core, a
    comparison SchNet on 10,000 frames (10x the data);
 2. refines the 1k model with ``stable-md refine --obs hr`` and refine's defaults; only the budget
-   is set (64 replicas, 80 learning epochs, a 90-minute safety net). Each ``--variant NAME=FLAGS``
+   is set (64 replicas, 80 learning epochs, a 4-hour safety net). Each ``--variant NAME=FLAGS``
    refines once more with extra flags, to measure a loop setting against the default;
 3. evaluates all models on the same held-out starts at 500 K (48 replicas, 50 ps), and the 1k
    baseline and the refined model at 350 K and 700 K (reference h(r) Boltzmann-reweighted from 500 K);
@@ -150,7 +150,7 @@ def main() -> int:
         # refine's default, --obs-weight auto included.
         return stable_md("refine", str(base), "--data", data, "--obs", "hr", "-o", str(output),
                          "--replicas", "8" if quick else "64", "--max-epochs", "3" if quick else "80",
-                         "--max-time", "2" if quick else "90", "--no-progress", *extra)
+                         "--max-time", "2" if quick else "240", "--no-progress", *extra)
 
     variants = {label: (out / f"{name}_1k.stable-{label}.pt", flags) for label, flags in _variants(args.variant)}
     started = time.perf_counter()
