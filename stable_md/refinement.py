@@ -733,7 +733,7 @@ class _Refinement:
                 "first_learning_epoch_after_s": before[-1]["wall_time_s"] if before else None}
 
     def _median_weights(self) -> Optional[list[float]]:
-        """Per observable, the median of the weights the learning epochs used (auto weights change every epoch)."""
+        """Per observable, the median of the weights the learning epochs used (auto weights may change from epoch to epoch)."""
         if not self.settings.auto_weights:
             return self.state["observable_weights"]
         used = [row["observable_weights"] for row in self.history if "observable_weights" in row]
