@@ -202,6 +202,11 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     return report
 
 
+def survival_sample(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A model result's (stable times in ps, became-unstable flags): the input of :mod:`stable_md.survival`."""
+    return np.asarray(result["stable_time_ps"], dtype=float), np.asarray(result["unstable"], dtype=bool)
+
+
 def survival_statistics(results: list[dict], settings: EvaluateSettings) -> list[dict]:
     """Add ``survival`` to each model's result and compare every model after the first with the first.
 
@@ -209,7 +214,7 @@ def survival_statistics(results: list[dict], settings: EvaluateSettings) -> list
     the bootstrap seed is the evaluation's, so a report is reproducible.
     """
     cap = settings.n_steps * settings.timestep / 1000.0
-    samples = [(np.asarray(r["stable_time_ps"]), np.asarray(r["unstable"], dtype=bool)) for r in results]
+    samples = [survival_sample(r) for r in results]
     for result, (times, events) in zip(results, samples):
         result["survival"] = summarize(times, events, cap, seed=settings.seed).to_json()
         median = result["survival"]["median_ps"]
@@ -321,6 +326,11 @@ def _prepare(directory: Path, overwrite: bool, resume: bool) -> None:
     (directory / MODELS_DIRECTORY).mkdir(parents=True, exist_ok=True)
 
 
+def _differing_settings(recorded: dict, current: dict) -> list[str]:
+    """The settings a resumed evaluation must share with the earlier one (:data:`_RESUME_KEYS`) that differ."""
+    return [key for key in _RESUME_KEYS if recorded.get(key) != current.get(key)]
+
+
 def _check_same_plan(directory: Path, plan: dict, settings: dict) -> None:
     """A resumed evaluation may add models, but every model must run with the same settings from the same frames
     of the same data.
@@ -332,7 +342,7 @@ def _check_same_plan(directory: Path, plan: dict, settings: dict) -> None:
     if not path.exists():
         return
     earlier = json.loads(path.read_text())
-    different = [key for key in _RESUME_KEYS if earlier.get("settings", {}).get(key) != settings.get(key)]
+    different = _differing_settings(earlier.get("settings", {}), settings)
     if different:
         # checked before the plan is rewritten, so a refused resume leaves the earlier evaluation as it was
         raise ValueError(f"cannot resume {directory}: it was made with other settings ({', '.join(different)} "
@@ -568,9 +578,7 @@ def _load_result(directory: Path, label: str, settings: EvaluateSettings, model:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    recorded = result.get("settings", {})
-    current = asdict(settings)
-    different = [key for key in _RESUME_KEYS if recorded.get(key) != current.get(key)]
+    different = _differing_settings(result.get("settings", {}), asdict(settings))
     if different or result.get("model") != model:
         raise ValueError(f"cannot resume {directory}: {path.name} was made with other settings "
                          f"({', '.join(different) or 'model file'} differ); use --overwrite")

@@ -214,21 +214,16 @@ def results_table(evaluations: dict, summaries: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def _survival_sample(result: dict):
-    import numpy as np
-
-    return np.asarray(result["stable_time_ps"], dtype=float), np.asarray(result["unstable"], dtype=bool)
-
-
 def targets_table(evaluations: dict, first_labels: list[str], refined_label: str = "1k+StABlE") -> str:
     """The benchmark's targets (issue 11) against the measured numbers, as a Markdown table."""
+    from stable_md.evaluation import survival_sample
     from stable_md.survival import compare
 
     main = evaluations[500]
     by_label = {result["label"]: result for result in main["models"]}
     base, new = by_label["1k"], by_label[refined_label]
     cap = main["settings"]["total_time"] / 1000.0
-    against_base = compare(_survival_sample(base), _survival_sample(new), cap, seed=main["settings"]["seed"])
+    against_base = compare(survival_sample(base), survival_sample(new), cap, seed=main["settings"]["seed"])
     rows = ["| target | measured | met? |", "|---|---|---|"]
     ratio, ci = against_base["median_ratio"], against_base["median_ratio_ci"]
     if ratio is None:
@@ -240,7 +235,7 @@ def targets_table(evaluations: dict, first_labels: list[str], refined_label: str
                     f"[{ci[0]:.2f}, {ci[1]:.2f}] | {'yes' if ratio >= 10 and ci[0] > 3 else 'no'} |")
     if len(first_labels) > 1:
         big = by_label[first_labels[1]]
-        against_big = compare(_survival_sample(big), _survival_sample(new), cap, seed=main["settings"]["seed"])
+        against_big = compare(survival_sample(big), survival_sample(new), cap, seed=main["settings"]["seed"])
         better = against_big["rmst_ratio"] > 1 and against_big["logrank_p"] < 0.05
         rows.append(f"| refined 1k more stable than {first_labels[1]} (log-rank p < 0.05) | RMST ×"
                     f"{against_big['rmst_ratio']:.2f} [{against_big['rmst_ratio_ci'][0]:.2f}, "
