@@ -521,10 +521,10 @@ def _refine(args: argparse.Namespace) -> int:
           f"{settings.criterion} criterion at {settings.threshold:g} Å; {settings.n_replicas} replicas at "
           f"{settings.temperature:g} K, t = {settings.steps_per_epoch} steps of {settings.timestep:g} fs")
     result = refine(model, args.data, output, settings, run_directory=args.run_dir, overwrite=args.overwrite,
-                    resume=args.resume, progress=not args.no_progress)
+                    resume=args.resume, progress=not args.no_progress,
+                    announce=lambda line: print(line, flush=True))
     summary = result.summary
     print(summary["message"])
-    print(f"frames: {summary['train_frames']}")
     if summary["observable_weights"] is not None:
         share = summary["observable_gradient_share_median"]
         shown = ", ".join(f"{w:.4g}" for w in summary["observable_weights_median"])

@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -213,7 +213,8 @@ def default_run_directory(output: Path) -> Path:
 
 def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: str | Path,
            settings: Optional[RefineSettings] = None, run_directory: Optional[str | Path] = None,
-           overwrite: bool = False, resume: bool = False, progress: bool = True) -> RefineResult:
+           overwrite: bool = False, resume: bool = False, progress: bool = True,
+           announce: Optional[Callable[[str], None]] = None) -> RefineResult:
     """Run StABlE training of ``model`` on ``data`` and write the refined model to ``output``.
 
     Parameters
@@ -229,12 +230,17 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
         log, checkpoint, summary and plots.
     resume:
         Continue an interrupted run from its checkpoint (losing at most one epoch).
+    announce:
+        Called once, before the first simulation, with a line saying which frames serve as starts,
+        reference and regularizer and which are held out (the CLI prints it; a run can take hours).
     """
     settings = settings or RefineSettings()
     output = Path(output)
     directory = Path(run_directory) if run_directory is not None else default_run_directory(output)
     _prepare(output, directory, overwrite, resume)
     run = _Refinement(model, data, output, directory, settings, resume, progress)
+    if announce is not None:
+        announce(f"frames: {run.frames_note}")
     return run.execute()
 
 

@@ -127,6 +127,8 @@ def test_train_frames_all_uses_every_frame_and_holds_none_out(tmp_path, pretrain
                  "--train-frames", "all"] + QUICK) == 0
     out = capsys.readouterr().out
     assert "none held out" in out and "held-out force MAE" not in out
+    # said before the run, not only at its end: a refine can take hours
+    assert out.index("frames: all") < out.index(read_metadata(output)["history"][-1]["summary"]["message"])
     entry = read_metadata(output)["history"][-1]
     assert len(entry["train_indices"]) == len(load_dataset(ethanol_path)) and entry["test_indices"] == []
     assert entry["summary"]["test_errors_before"] is None

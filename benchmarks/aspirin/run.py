@@ -14,7 +14,9 @@ From the committed GFN2-xTB data set (data/aspirin_xtb_500K.npz, 12,000 frames a
    evaluation's ``stability.png``.
 
 Every stage is an ordinary ``stable-md`` command, printed before it runs, and is skipped
-when its output already exists, so a killed benchmark resumes by running it again.
+when its output already exists, so a killed benchmark resumes by running it again. An evaluation
+made before a ``--variant`` was added is resumed (``evaluate --resume``) to add the new model on the
+same starts, without rerunning the models it already holds.
 ``--data other.extxyz --name other --n-big 0`` runs the same experiment on another molecule
 (no comparison model when the data set is too small for one). Run from the repository root::
 
@@ -57,15 +59,15 @@ def _log_path(log_directory: Path, output: Path) -> Path:
 
 
 def run_parallel(tasks: list[tuple[list[str], Path, Path | None, Path | None]], log_directory: Path,
-                 slots: int = 2) -> None:
-    """Run tasks whose output is missing, ``slots`` at a time.
+                 slots: int = 2, done=lambda output: output.exists()) -> None:
+    """Run tasks whose output is not ``done`` yet, ``slots`` at a time.
 
     A task is (command, output, a file it needs first or None, a file whose presence means an
     interrupted run to continue with ``--resume`` or None).
 
     Each task logs to a file in ``log_directory`` named after its output.
     """
-    pending = [task for task in tasks if not task[1].exists()]
+    pending = [task for task in tasks if not done(task[1])]
     running: list[tuple[subprocess.Popen, list[str], Path]] = []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     while pending or running:
@@ -87,7 +89,7 @@ def run_parallel(tasks: list[tuple[list[str], Path, Path | None, Path | None]], 
             process, command, output = entry
             if process.poll() is not None:
                 running.remove(entry)
-                if process.returncode not in (0, 1) or not output.exists():
+                if process.returncode not in (0, 1) or not done(output):
                     for other, _, _ in running:
                         other.terminate()
                     raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}; "
@@ -178,8 +180,17 @@ def main() -> int:
         for label in labels:
             command += ["--label", label]
         tasks.append((command, directory / "evaluation.json", None, directory / "models"))
+    expected = {str(out / f"eval_{t}K" / "evaluation.json"): set(labels) for t, (_, labels) in plans.items()}
+
+    def evaluated(output: Path) -> bool:
+        # An evaluation from an earlier run without this run's --variant models is resumed to add them.
+        if not output.exists():
+            return False
+        present = {result["label"] for result in json.loads(output.read_text())["models"]}
+        return expected[str(output)] <= present
+
     # Each evaluation uses two processes; running all three at once keeps both cores busy to the end.
-    run_parallel(tasks, logs, slots=3)
+    run_parallel(tasks, logs, slots=3, done=evaluated)
     evaluations = {t: json.loads((out / f"eval_{t}K" / "evaluation.json").read_text()) for t in plans}
 
     summaries = {"1k+StABlE": json.loads((refined.with_suffix(".refine") / "summary.json").read_text())}
