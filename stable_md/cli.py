@@ -242,6 +242,9 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--simulation-patience", type=_count, default=10,
                    help="epochs after which a simulation phase turns to learning once any replica is unstable, "
                         "even below --f-max (default: 10; 0 waits for --f-max as the paper)")
+    p.add_argument("--learning-patience", type=_count, default=0,
+                   help="epochs after which a learning phase ends even above --f-min, and the stable replicas "
+                        "simulate on (default: 0, wait for --f-min as the paper)")
     p.add_argument("--qm-weight", type=float, default=10.0,
                    help="λ, weight of the energy/force loss on the data (default: 10)")
     p.add_argument("--qm-batch", type=_positive_int, default=64,
@@ -511,6 +514,7 @@ def _refine(args: argparse.Namespace) -> int:
         integrator=args.integrator, collision_frequency=args.collision_frequency, friction=args.friction,
         steps_per_epoch=args.steps_per_epoch, sample_every=args.sample_every, check_every=args.check_every,
         f_max=args.f_max, f_min=args.f_min, simulation_patience=args.simulation_patience or None,
+        learning_patience=args.learning_patience or None,
         qm_weight=args.qm_weight, qm_batch=args.qm_batch,
         optimizer=args.optimizer, lr=args.lr, lr_decay=args.lr_decay, momentum=args.momentum,
         clip_grad=args.clip_grad, max_cycles=args.max_cycles, max_epochs=args.max_epochs,

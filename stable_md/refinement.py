@@ -83,7 +83,9 @@ class RefineSettings:
     :func:`epoch_weights`), whatever the molecule's size, the backbone or how far the model has
     moved from its pretrained minimum; and ``simulation_patience``
     (10 epochs) turns a simulation phase to learning once any replica is unstable, even below
-    f_max (``None``: wait for f_max as the paper does).
+    f_max (``None``: wait for f_max as the paper does). ``learning_patience`` (off by default, as in
+    the paper) ends a learning phase after that many epochs even above f_min, so that the
+    replicas simulate on past the window the phase kept replaying.
     """
 
     observables: list[str] = field(default_factory=lambda: ["hr"])
@@ -103,6 +105,7 @@ class RefineSettings:
     f_max: float = 0.2
     f_min: float = 0.05
     simulation_patience: Optional[int] = 10
+    learning_patience: Optional[int] = None
     qm_weight: float = 10.0
     qm_batch: int = 64
     energy_weight: float = 1.0
@@ -184,6 +187,10 @@ class RefineSettings:
                                                      or self.simulation_patience < 1):
             raise ValueError(f"simulation_patience must be a positive number of epochs or None, got "
                              f"{self.simulation_patience}")
+        if self.learning_patience is not None and (int(self.learning_patience) != self.learning_patience
+                                                   or self.learning_patience < 1):
+            raise ValueError(f"learning_patience must be a positive number of epochs or None, got "
+                             f"{self.learning_patience}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.max_wall_time is not None and not self.max_wall_time > 0:
@@ -476,10 +483,16 @@ class _Refinement:
                 self.state["phase"] = "learning"
                 self.state["phase_epochs"] = 0
         elif row["phase"] == "learning":
+            self.state["phase_epochs"] += 1
+            patient = s.learning_patience is not None and self.state["phase_epochs"] >= s.learning_patience
             if row.get("stop"):
                 self.state["stopped_by"] = row["stop"]
-            elif row["unstable_fraction"] <= s.f_min:
+            elif row["unstable_fraction"] <= s.f_min or patient:
+                # Measured on aspirin: a replayed window whose unstable fraction stays near 0.09 kept one
+                # learning phase going for all 80 epochs, so the model only ever saw the first 0.5 ps.
+                row["learning_ends"] = "f_min" if row["unstable_fraction"] <= s.f_min else "learning patience"
                 self.state["phase"] = "simulation"
+                self.state["phase_epochs"] = 0
                 self.state["cycle"] += 1
 
     def _run_epoch(self, record_samples: bool) -> tuple[np.ndarray, np.ndarray]:

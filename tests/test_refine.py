@@ -282,3 +282,23 @@ def test_simulation_patience_starts_learning_below_f_max(tmp_path, pretrained_mo
     assert max(row["unstable_fraction"] for row in waiting.history) < 0.7, "margin: far from f_max = 1"
     with pytest.raises(ValueError, match="simulation_patience"):
         RefineSettings(simulation_patience=0)
+
+
+def test_learning_patience_ends_a_learning_phase_above_f_min(tmp_path, pretrained_model, ethanol_path):
+    """With `learning_patience` a learning phase that keeps replaying a window above f_min ends after that many
+    epochs, counts a cycle, and the replicas simulate on; f_min = 0 keeps the paper's exit out of reach."""
+    settings = quick_settings(f_max=0.1, f_min=0.0, learning_patience=2, max_cycles=3, max_epochs=6)
+    result = refine(pretrained_model, ethanol_path, tmp_path / "patient.pt", settings, progress=False)
+    rows = result.history
+    ends = [k for k, row in enumerate(rows) if "learning_ends" in row]
+    assert ends, "no learning phase ended"
+    for k in ends:
+        row = rows[k]
+        assert row["learning_ends"] == ("f_min" if row["unstable_fraction"] == 0 else "learning patience")
+        phase = [r for r in rows[:k + 1] if r["cycle"] == row["cycle"] and r["phase"] == "learning"]
+        assert len(phase) <= 2
+        if k + 1 < len(rows):
+            assert rows[k + 1]["phase"] == "simulation" and rows[k + 1]["cycle"] == row["cycle"] + 1
+    assert any(rows[k]["learning_ends"] == "learning patience" for k in ends)
+    with pytest.raises(ValueError, match="learning_patience"):
+        RefineSettings(learning_patience=0)
