@@ -43,12 +43,19 @@ def unstable_fraction_figure(history: Sequence[dict], path: Path) -> Path:
     top.set_ylabel("fraction of replicas unstable")
     top.set_ylim(-0.02, 1.02)
     top.legend(loc="upper left", frameon=False)
-    losses = np.array([row.get("observable_loss", np.nan) for row in history], dtype=float)
-    for phase, colour in PHASE_COLOURS.items():
-        chosen = np.array([p == phase for p in phases]) & np.isfinite(losses) & (losses > 0)
-        if chosen.any():
-            bottom.semilogy(epochs[chosen], losses[chosen], "o", ms=3, color=colour)
-    bottom.set_ylabel("observable loss")
+    # Unweighted ||ĝ − g_ref||² per observable: with --obs-weight auto the weights change from epoch to
+    # epoch, so the weighted sum would show the weights rather than the fit.
+    names = sorted({key[len("loss_"):] for row in history for key in row if key.startswith("loss_")})
+    for name, marker in zip(names, "os^vD<>"):
+        losses = np.array([row.get(f"loss_{name}", np.nan) for row in history], dtype=float)
+        for phase, colour in PHASE_COLOURS.items():
+            chosen = np.array([p == phase for p in phases]) & np.isfinite(losses) & (losses > 0)
+            if chosen.any():
+                bottom.semilogy(epochs[chosen], losses[chosen], marker, ms=3, color=colour,
+                                label=name if phase == "learning" and len(names) > 1 else None)
+    if len(names) > 1:
+        bottom.legend(loc="upper right", frameon=False, fontsize="small")
+    bottom.set_ylabel("observable loss\n(unweighted)" if len(names) == 1 else "observable losses\n(unweighted)")
     bottom.set_xlabel("epoch (t steps each)")
     return _save(plt, fig, path)
 
