@@ -249,6 +249,12 @@ def _add_refine_parser(commands) -> None:
                    help="λ, weight of the energy/force loss on the data (default: 10)")
     p.add_argument("--qm-batch", type=_positive_int, default=64,
                    help="data frames drawn per learning epoch for the energy/force loss (default: 64)")
+    p.add_argument("--energy-weight", type=float, default=1.0,
+                   help="weight of the per-atom energy MSE inside the energy/force loss, eV^-2 (default: 1, "
+                        "as pretrain)")
+    p.add_argument("--force-weight", type=float, default=100.0,
+                   help="weight of the force MSE inside the energy/force loss, (eV/Å)^-2 (default: 100, as "
+                        "pretrain)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam",
                    help="default: adam (the paper used SGD; see the docs for why adam is the default here)")
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default: 1e-4)")
@@ -515,7 +521,8 @@ def _refine(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, sample_every=args.sample_every, check_every=args.check_every,
         f_max=args.f_max, f_min=args.f_min, simulation_patience=args.simulation_patience or None,
         learning_patience=args.learning_patience or None,
-        qm_weight=args.qm_weight, qm_batch=args.qm_batch,
+        qm_weight=args.qm_weight, qm_batch=args.qm_batch, energy_weight=args.energy_weight,
+        force_weight=args.force_weight,
         optimizer=args.optimizer, lr=args.lr, lr_decay=args.lr_decay, momentum=args.momentum,
         clip_grad=args.clip_grad, max_cycles=args.max_cycles, max_epochs=args.max_epochs,
         max_simulation_time=parse_time_fs(args.max_sim_time),

@@ -181,8 +181,14 @@ class RefineSettings:
                              f"({self.sample_every}) and of check_every ({self.check_every})")
         if not 0 <= self.f_min < self.f_max <= 1:
             raise ValueError(f"need 0 <= f_min < f_max <= 1, got f_min={self.f_min}, f_max={self.f_max}")
-        if self.qm_weight < 0:
+        if not self.qm_weight >= 0:
             raise ValueError(f"qm_weight (λ) must be >= 0, got {self.qm_weight}")
+        for name in ("energy_weight", "force_weight"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.energy_weight == self.force_weight == 0 and self.qm_weight > 0:
+            raise ValueError("energy_weight and force_weight are both 0: the energy/force loss would be empty; "
+                             "set qm_weight to 0 to refine without it")
         if self.simulation_patience is not None and (int(self.simulation_patience) != self.simulation_patience
                                                      or self.simulation_patience < 1):
             raise ValueError(f"simulation_patience must be a positive number of epochs or None, got "

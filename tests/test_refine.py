@@ -301,3 +301,13 @@ def test_learning_patience_ends_a_learning_phase_above_f_min(tmp_path, pretraine
     assert any(rows[k]["learning_ends"] == "learning patience" for k in ends)
     with pytest.raises(ValueError, match="learning_patience"):
         RefineSettings(learning_patience=0)
+
+
+def test_energy_and_force_weights_are_checked():
+    with pytest.raises(ValueError, match="energy_weight must be a finite number >= 0"):
+        RefineSettings(energy_weight=-1.0)
+    with pytest.raises(ValueError, match="force_weight"):
+        RefineSettings(force_weight=float("nan"))
+    with pytest.raises(ValueError, match="both 0"):
+        RefineSettings(energy_weight=0.0, force_weight=0.0)
+    assert RefineSettings(energy_weight=0.0, force_weight=0.0, qm_weight=0.0).qm_weight == 0

@@ -124,7 +124,7 @@ def test_a_copy_of_the_pretraining_file_from_another_directory_is_the_same_data(
 def test_train_frames_all_uses_every_frame_and_holds_none_out(tmp_path, pretrained_model, ethanol_path, capsys):
     output = tmp_path / "all.pt"
     assert main(["refine", str(pretrained_model), "--data", str(ethanol_path), "-o", str(output),
-                 "--train-frames", "all"] + QUICK) == 0
+                 "--train-frames", "all", "--energy-weight", "10"] + QUICK) == 0
     out = capsys.readouterr().out
     assert "none held out" in out and "held-out force MAE" not in out
     # said before the run, not only at its end: a refine can take hours
@@ -132,6 +132,7 @@ def test_train_frames_all_uses_every_frame_and_holds_none_out(tmp_path, pretrain
     entry = read_metadata(output)["history"][-1]
     assert len(entry["train_indices"]) == len(load_dataset(ethanol_path)) and entry["test_indices"] == []
     assert entry["summary"]["test_errors_before"] is None
+    assert entry["settings"]["energy_weight"] == 10 and entry["settings"]["force_weight"] == 100
 
 
 def test_train_frames_pretrain_on_other_data_is_refused_by_name(tmp_path, pretrained_model, ethanol, capsys):
