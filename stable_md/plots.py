@@ -1,6 +1,7 @@
 """PNG figures of refine and evaluate runs (matplotlib, no display needed)."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,14 +47,14 @@ def unstable_fraction_figure(history: Sequence[dict], path: Path) -> Path:
     # Unweighted ||ĝ − g_ref||² per observable: with --obs-weight auto the weights change from epoch to
     # epoch, so the weighted sum would show the weights rather than the fit.
     names = sorted({key[len("loss_"):] for row in history for key in row if key.startswith("loss_")})
-    for name, marker in zip(names, "os^vD<>"):
+    for name, marker in zip(names, itertools.cycle("os^vD<>")):
         losses = np.array([row.get(f"loss_{name}", np.nan) for row in history], dtype=float)
         for phase, colour in PHASE_COLOURS.items():
             chosen = np.array([p == phase for p in phases]) & np.isfinite(losses) & (losses > 0)
             if chosen.any():
                 bottom.semilogy(epochs[chosen], losses[chosen], marker, ms=3, color=colour,
                                 label=name if phase == "learning" and len(names) > 1 else None)
-    if len(names) > 1:
+    if bottom.get_legend_handles_labels()[1]:
         bottom.legend(loc="upper right", frameon=False, fontsize="small")
     bottom.set_ylabel("observable loss\n(unweighted)" if len(names) == 1 else "observable losses\n(unweighted)")
     bottom.set_xlabel("epoch (t steps each)")

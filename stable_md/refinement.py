@@ -181,22 +181,19 @@ class RefineSettings:
                              f"({self.sample_every}) and of check_every ({self.check_every})")
         if not 0 <= self.f_min < self.f_max <= 1:
             raise ValueError(f"need 0 <= f_min < f_max <= 1, got f_min={self.f_min}, f_max={self.f_max}")
-        if not self.qm_weight >= 0:
-            raise ValueError(f"qm_weight (λ) must be >= 0, got {self.qm_weight}")
-        for name in ("energy_weight", "force_weight"):
+        for name, flag in (("qm_weight", "--qm-weight"), ("energy_weight", "--energy-weight"),
+                           ("force_weight", "--force-weight")):
             if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} ({flag}) must be a finite number >= 0, got {getattr(self, name)}")
         if self.energy_weight == self.force_weight == 0 and self.qm_weight > 0:
-            raise ValueError("energy_weight and force_weight are both 0: the energy/force loss would be empty; "
-                             "set qm_weight to 0 to refine without it")
-        if self.simulation_patience is not None and (int(self.simulation_patience) != self.simulation_patience
-                                                     or self.simulation_patience < 1):
-            raise ValueError(f"simulation_patience must be a positive number of epochs or None, got "
-                             f"{self.simulation_patience}")
-        if self.learning_patience is not None and (int(self.learning_patience) != self.learning_patience
-                                                   or self.learning_patience < 1):
-            raise ValueError(f"learning_patience must be a positive number of epochs or None, got "
-                             f"{self.learning_patience}")
+            raise ValueError("energy_weight and force_weight (--energy-weight, --force-weight) are both 0: the "
+                             "energy/force loss would be empty; set qm_weight (--qm-weight) to 0 to refine "
+                             "without it")
+        for name, flag in (("simulation_patience", "--simulation-patience"),
+                           ("learning_patience", "--learning-patience")):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"{name} ({flag}) must be a positive number of epochs or None, got {value}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.max_wall_time is not None and not self.max_wall_time > 0:
@@ -291,7 +288,9 @@ class _Refinement:
         self.criterion = self._criterion()
         self.starts = self._starting_frames()
         self._build_optimizer()
-        self.qm_loss = EnergyForceLoss(settings.energy_weight, settings.force_weight)
+        # only built when used: with qm_weight = 0 both inner weights may be 0, which the loss refuses
+        self.qm_loss = (EnergyForceLoss(settings.energy_weight, settings.force_weight) if settings.qm_weight > 0
+                        else None)
         dtype = next(self.model.parameters()).dtype
         self.qm_data = DatasetTensors(self.train, dtype=dtype)
         self.rng = np.random.default_rng(settings.seed)
