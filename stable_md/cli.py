@@ -23,6 +23,14 @@ def _add_run_options(p: argparse.ArgumentParser, overwrite_help: str, resume_hel
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_energy_force_weights(p: argparse.ArgumentParser) -> None:
+    """The energy/force loss weights, shared by pretrain and refine (refine's regularizer is the same loss)."""
+    p.add_argument("--energy-weight", type=float, default=1.0,
+                   help="weight of the per-atom energy MSE in the energy/force loss, eV^-2 (default: 1)")
+    p.add_argument("--force-weight", type=float, default=100.0,
+                   help="weight of the force MSE in the energy/force loss, (eV/Å)^-2 (default: 100)")
+
+
 def _hyper_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--hyper expects NAME=VALUE, got {text!r}")
@@ -102,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs (default: 300)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="frames per step (default: 16)")
-    p.add_argument("--energy-weight", type=float, default=1.0,
-                   help="weight of the per-atom energy MSE, eV^-2 (default: 1)")
-    p.add_argument("--force-weight", type=float, default=100.0,
-                   help="weight of the force MSE, (eV/Å)^-2 (default: 100)")
+    _add_energy_force_weights(p)
     p.add_argument("--patience", type=_positive_int, default=40,
                    help="stop after this many epochs without validation improvement (default: 40)")
     p.add_argument("--max-time", type=_positive_float, default=None,
@@ -249,12 +254,7 @@ def _add_refine_parser(commands) -> None:
                    help="λ, weight of the energy/force loss on the data (default: 10)")
     p.add_argument("--qm-batch", type=_positive_int, default=64,
                    help="data frames drawn per learning epoch for the energy/force loss (default: 64)")
-    p.add_argument("--energy-weight", type=float, default=1.0,
-                   help="weight of the per-atom energy MSE inside the energy/force loss, eV^-2 (default: 1, "
-                        "as pretrain)")
-    p.add_argument("--force-weight", type=float, default=100.0,
-                   help="weight of the force MSE inside the energy/force loss, (eV/Å)^-2 (default: 100, as "
-                        "pretrain)")
+    _add_energy_force_weights(p)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam",
                    help="default: adam (the paper used SGD; see the docs for why adam is the default here)")
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default: 1e-4)")
