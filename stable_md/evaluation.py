@@ -40,7 +40,7 @@ import numpy as np
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.observables import (Observable, diffusion_coefficient, make_observable, mean_squared_displacement,
                                    reference_frames, velocity_autocorrelation)
-from stable_md.potentials.model_file import read_metadata, write_json
+from stable_md.potentials.model_file import file_sha256, read_metadata, write_json
 from stable_md.reweighting import temperature_weights
 from stable_md.stability import (EVALUATION_THRESHOLD, MIN_DISTANCE_THRESHOLD, RDF_MAE_THRESHOLD, BondGraph,
                                  BondLengthCriterion, MinDistanceCriterion, RDFCriterion, detect_bonds)
@@ -113,6 +113,7 @@ class _ModelJob:
     """Everything one model's evaluation needs (picklable, so it can run in another process)."""
 
     model: str
+    model_sha256: str
     label: str
     settings: EvaluateSettings
     numbers: np.ndarray
@@ -135,7 +136,8 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     many models at once, each in its own process with one thread.
     """
     settings = settings or EvaluateSettings()
-    models = [str(Path(m)) for m in models]
+    # Resolved, so that a resumed evaluation from another working directory finds the same files.
+    models = [str(Path(m).resolve()) for m in models]
     if not models:
         raise ValueError("evaluate needs at least one model file")
     labels = _labels(models, labels)
@@ -180,20 +182,21 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                       "reweighting": None if reweighting is None else reweighting.describe()},
         "bonds": int(len(bonds.pairs)),
     }
+    hashes = {model: file_sha256(model) for model in models}
+    finished = {}
     if resume:
+        # all checked before the plan is rewritten, so a refused resume leaves the earlier evaluation as it was
         _check_same_plan(directory, plan, asdict(settings))
+        finished = {label: _load_result(directory, label, settings, model, hashes[model])
+                    for model, label in zip(models, labels)}
     write_json(directory / "plan.json", {"settings": asdict(settings), **plan})
-    pending = []
-    for model, label in zip(models, labels):
-        done = _load_result(directory, label, settings, model) if resume else None
-        if done is None:
-            pending.append(_ModelJob(model=model, label=label, settings=settings, numbers=dataset.numbers,
-                                     starts=starts, cell=cell, criterion=copy.deepcopy(criterion),
-                                     observable=observable, observable_reference=reference,
-                                     error_data=error_data, output=str(directory),
-                                     progress=progress and jobs == 1))
+    pending = [_ModelJob(model=model, model_sha256=hashes[model], label=label, settings=settings,
+                         numbers=dataset.numbers, starts=starts, cell=cell, criterion=copy.deepcopy(criterion),
+                         observable=observable, observable_reference=reference, error_data=error_data,
+                         output=str(directory), progress=progress and jobs == 1)
+               for model, label in zip(models, labels) if finished.get(label) is None]
     _run_jobs(pending, jobs)
-    results = [_load_result(directory, label, settings, model) for model, label in zip(models, labels)]
+    results = [_load_result(directory, label, settings, model, hashes[model]) for model, label in zip(models, labels)]
     report = {"settings": asdict(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
                                                                          "values": reference.tolist()},
               "models": results, "comparisons": survival_statistics(results, settings)}
@@ -344,7 +347,6 @@ def _check_same_plan(directory: Path, plan: dict, settings: dict) -> None:
     earlier = json.loads(path.read_text())
     different = _differing_settings(earlier.get("settings", {}), settings)
     if different:
-        # checked before the plan is rewritten, so a refused resume leaves the earlier evaluation as it was
         raise ValueError(f"cannot resume {directory}: it was made with other settings ({', '.join(different)} "
                          f"differ); use --overwrite or another --output")
     for key, what in (("data_fingerprint", "data"), ("start_frames", "held-out starting frames")):
@@ -514,6 +516,7 @@ def _evaluate_model(job: _ModelJob) -> str:
     result: dict[str, Any] = {
         "label": job.label,
         "model": job.model,
+        "model_sha256": job.model_sha256,
         "settings": asdict(s),
         "n_replicas": n_replicas,
         "stable_time_ps": stable_ps.tolist(),
@@ -573,15 +576,24 @@ def _bar(job: _ModelJob, total: int):
     return tqdm(total=total, unit="step", desc=f"evaluate {job.label}", dynamic_ncols=True)
 
 
-def _load_result(directory: Path, label: str, settings: EvaluateSettings, model: str) -> Optional[dict]:
+def _load_result(directory: Path, label: str, settings: EvaluateSettings, model: str,
+                 model_sha256: str) -> Optional[dict]:
+    """The finished result of ``label`` in ``directory``, if it was made from the same model file (by content;
+    results written before contents were recorded compare resolved paths) with the same settings."""
     path = directory / MODELS_DIRECTORY / f"{label}.json"
     if not path.exists():
         return None
     result = json.loads(path.read_text())
     different = _differing_settings(result.get("settings", {}), asdict(settings))
-    if different or result.get("model") != model:
+    if different:
         raise ValueError(f"cannot resume {directory}: {path.name} was made with other settings "
-                         f"({', '.join(different) or 'model file'} differ); use --overwrite")
+                         f"({', '.join(different)} differ); use --overwrite")
+    recorded = result.get("model_sha256")
+    same = recorded == model_sha256 if recorded else Path(result.get("model", "")).resolve() == Path(model)
+    if not same:
+        raise ValueError(f"cannot resume {directory}: {path.name} was made from another model file "
+                         f"({result.get('model')}) than {model} (their contents differ); give that file, another "
+                         f"--label, or --overwrite")
     return result
 
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from stable_md.cli import main
 from stable_md.evaluation import EvaluateSettings, evaluate
+from stable_md.potentials.model_file import load_model, save_model
 from stable_md.reweighting import temperature_weights
 from stable_md.units import KB_EV_PER_K
 
@@ -82,7 +85,7 @@ def test_two_copies_of_a_model_see_identical_held_out_starts(tmp_path, pretraine
     assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["models"][0]["label"] == "a"
 
 
-def test_reweighted_reference_and_resume(tmp_path, pretrained_model, ethanol):
+def test_reweighted_reference_and_resume(tmp_path, pretrained_model, ethanol, monkeypatch):
     settings = EvaluateSettings(**{**QUICK, "n_replicas": 3, "vacf_window": 0}, temperature=350.0,
                                 data_temperature=500.0)
     first = evaluate([pretrained_model], ethanol, tmp_path / "cold", settings, labels=["m"], progress=False)
@@ -115,6 +118,23 @@ def test_reweighted_reference_and_resume(tmp_path, pretrained_model, ethanol):
                      labels=["m", "again"], resume=True, progress=False)
     assert added["models"][0]["wall_seconds"] == first["models"][0]["wall_seconds"]
     assert added["start_frames"] == first["start_frames"] and [m["label"] for m in added["models"]] == ["m", "again"]
+
+    # The same model file named by a relative path from another working directory, or a byte-identical copy,
+    # resumes; another model under a finished label is refused, and nothing is rewritten.
+    copy = tmp_path / "elsewhere" / "copy.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(pretrained_model, copy)
+    monkeypatch.chdir(copy.parent)
+    again = evaluate(["copy.pt"], ethanol, "../cold", settings, labels=["m"], resume=True, progress=False)
+    assert again["models"][0]["wall_seconds"] == first["models"][0]["wall_seconds"]
+    changed = load_model(pretrained_model)
+    with torch.no_grad():
+        next(changed.module.parameters()).add_(1e-3)
+    save_model(changed.module, "changed.pt", changed.metadata)
+    plan = (tmp_path / "cold" / "plan.json").read_bytes()
+    with pytest.raises(ValueError, match="another model file"):
+        evaluate(["changed.pt"], ethanol, "../cold", settings, labels=["m"], resume=True, progress=False)
+    assert (tmp_path / "cold" / "plan.json").read_bytes() == plan
 
 
 def test_cli_evaluate_prints_the_table_and_names_bad_input(tmp_path, pretrained_model, ethanol_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import tempfile
@@ -173,6 +174,15 @@ def save_model(potential: nn.Module, path: str | os.PathLike, metadata: dict[str
     with _no_jit_deprecation():
         atomic_write(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: payload}))
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: what identifies a model file whatever path or working directory names it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
