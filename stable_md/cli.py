@@ -247,9 +247,10 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--simulation-patience", type=_count, default=10,
                    help="epochs after which a simulation phase turns to learning once any replica is unstable, "
                         "even below --f-max (default: 10; 0 waits for --f-max as the paper)")
-    p.add_argument("--learning-patience", type=_count, default=0,
-                   help="epochs after which a learning phase ends even above --f-min, and the stable replicas "
-                        "simulate on (default: 0, wait for --f-min as the paper)")
+    p.add_argument("--learning-patience", type=_count, default=20,
+                   help="learning epochs after which a learning phase ends even above --f-min, and the "
+                        "replicas simulate on past the replayed window (default: 20; 0 waits for --f-min as "
+                        "the paper)")
     p.add_argument("--qm-weight", type=float, default=10.0,
                    help="λ, weight of the energy/force loss on the data (default: 10)")
     p.add_argument("--qm-batch", type=_positive_int, default=64,

@@ -135,10 +135,22 @@ def test_cli_refine_writes_model_log_and_plots(tmp_path, pretrained_model, ethan
     learning = [row for row in log if row["phase"] == "learning"]
     assert learning and all("loss_hr" in row and "loss_bond-types" in row for row in learning)
     assert "held-out force MAE" in out and "bond-types.png" in out
+    recorded = json.loads((tmp_path / "cli.stable.refine" / "settings.json").read_text())["settings"]
+    assert (recorded["learning_patience"], recorded["simulation_patience"]) == (20, 10)  # the documented defaults
 
     code = main(["refine", str(pretrained_model), "--data", str(ethanol_path), "-o", str(output), "--no-progress"])
     assert code == 2
     assert "exists" in capsys.readouterr().err
+
+    # 0 turns either patience off: the paper's loop, which waits for f_max and f_min
+    paper = tmp_path / "paper.stable.pt"
+    code = main(["refine", str(pretrained_model), "--data", str(ethanol_path), "-o", str(paper), "--replicas", "4",
+                 "--steps-per-epoch", "100", "--max-cycles", "1", "--max-epochs", "1", "--max-sim-time", "0.2ps",
+                 "--qm-batch", "8", "--learning-patience", "0", "--simulation-patience", "0", "--no-progress"])
+    capsys.readouterr()
+    assert code == 0
+    recorded = json.loads((tmp_path / "paper.stable.refine" / "settings.json").read_text())["settings"]
+    assert recorded["learning_patience"] is None and recorded["simulation_patience"] is None
 
 
 def test_refine_stabilizes_a_weak_model_on_held_out_starts(tmp_path, ethanol):
