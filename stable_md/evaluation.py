@@ -196,7 +196,9 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                          output=str(directory), progress=progress and jobs == 1)
                for model, label in zip(models, labels) if finished.get(label) is None]
     _run_jobs(pending, jobs)
-    results = [_load_result(directory, label, settings, model, hashes[model]) for model, label in zip(models, labels)]
+    # results finished before this run were checked above; only the ones just written are read here
+    results = [finished.get(label) or _load_result(directory, label, settings, model, hashes[model])
+               for model, label in zip(models, labels)]
     report = {"settings": asdict(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
                                                                          "values": reference.tolist()},
               "models": results, "comparisons": survival_statistics(results, settings)}
