@@ -33,7 +33,8 @@ from torch import nn
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
-from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, load_model,
+from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, file_sha256,
+                                            load_model,
                                             save_model, truncate_jsonl_log, write_json)
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
 from stable_md.stability import (MIN_DISTANCE_THRESHOLD, TRAINING_THRESHOLD, BondLengthCriterion,
@@ -415,7 +416,8 @@ class _Refinement:
                           check_interval=min(50, s.check_every, s.sample_every))
 
     def _record(self) -> dict:
-        return {"model": str(Path(self.model_file.path).resolve()), **data_record(self.data),
+        return {"model": str(Path(self.model_file.path).resolve()),
+                "model_sha256": file_sha256(self.model_file.path), **data_record(self.data),
                 "output": str(self.output.resolve()), "train_frames": self.frames_note,
                 "settings": asdict(self.settings)}
 
@@ -424,8 +426,14 @@ class _Refinement:
         old = {k: v for k, v in saved["settings"].items() if k not in BUDGET_KEYS}
         new = {k: v for k, v in record["settings"].items() if k not in BUDGET_KEYS}
         different = [k for k in new if old.get(k) != new[k]]
-        if saved.get("model") != record["model"]:
-            different = ["model"] + different
+        # The model is the same file when its bytes are: a resume may name it by another path (a copy, another
+        # working directory). Runs recorded before the hash was kept compare resolved paths.
+        if "model_sha256" in saved:
+            same_model = saved["model_sha256"] == record["model_sha256"]
+        else:
+            same_model = saved.get("model") == record["model"]
+        if not same_model:
+            different = ["model (other file contents)"] + different
         if saved.get("data_fingerprint") != record["data_fingerprint"]:
             different = ["data (other frames)"] + different
         if different:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -54,7 +55,11 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, pretrained_model, ethano
     first = refine(pretrained_model, ethanol_path, tmp_path / "part.pt",
                    quick_settings(max_epochs=2, learning_patience=3), progress=False)
     assert first.summary["learning_epochs"] == 2
-    resumed = refine(pretrained_model, ethanol_path, tmp_path / "part.pt", quick_settings(learning_patience=3),
+    # named by another path (a copy): the same model, recognised by its bytes
+    copy = tmp_path / "copy" / "weak-copy.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(pretrained_model, copy)
+    resumed = refine(copy, ethanol_path, tmp_path / "part.pt", quick_settings(learning_patience=3),
                      resume=True, progress=False)
     assert without_wall_time(resumed.history) == without_wall_time(whole.history)
     torch.testing.assert_close(parameters(resumed.model), parameters(whole.model), rtol=0, atol=0)
@@ -72,6 +77,9 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, pretrained_model, ethano
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         refine(pretrained_model, ethanol_path, tmp_path / "whole.pt", quick_settings(), progress=False)
+    with pytest.raises(ValueError, match=r"settings differ.*model \(other file contents\)"):
+        refine(tmp_path / "whole.pt", ethanol_path, tmp_path / "part.pt", quick_settings(learning_patience=3),
+               resume=True, progress=False)
     with pytest.raises(ValueError, match="settings differ.*lr"):
         refine(pretrained_model, ethanol_path, tmp_path / "part.pt", quick_settings(lr=0.5, learning_patience=3),
                resume=True, progress=False)

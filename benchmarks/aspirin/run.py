@@ -5,7 +5,8 @@ From the committed GFN2-xTB data set (data/aspirin_xtb_500K.npz, 12,000 frames a
 1. pretrains the baseline SchNet on 1,000 frames and, in parallel on the second core, a
    comparison SchNet on 10,000 frames (10x the data);
 2. refines the 1k model with ``stable-md refine --obs hr`` and refine's defaults; only the budget
-   is set (64 replicas, 80 learning epochs, a 4-hour safety net). Each ``--variant NAME=FLAGS``
+   is set (64 replicas, 80 learning epochs, a 4-hour safety net; ``--refine-replicas``/``--refine-epochs``
+   change the first two). Each ``--variant NAME=FLAGS``
    refines once more with extra flags, to measure a loop setting against the default;
 3. evaluates all models on the same held-out starts at 500 K (48 replicas, 50 ps), and the 1k
    baseline and the refined model at 350 K and 700 K (reference h(r) Boltzmann-reweighted from 500 K);
@@ -21,7 +22,8 @@ same starts, without rerunning the models it already holds.
 (no comparison model when the data set is too small for one). Run from the repository root::
 
     python benchmarks/aspirin/run.py                             # about 3 hours on 2 cores
-    python benchmarks/aspirin/run.py --variant 'lr3e-4=--lr 3e-4'
+    python benchmarks/aspirin/run.py --variant 'lpat0=--learning-patience 0'   # the paper's loop
+    python benchmarks/aspirin/run.py --variant 'lr3e-4=--lr 3e-4 --learning-patience 0'
     python benchmarks/aspirin/run.py --quick --output /tmp/quick # a few minutes: smoke test of the pipeline
 """
 from __future__ import annotations
@@ -120,6 +122,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny settings to check that everything runs")
     parser.add_argument("--replicas", type=int, default=48, help="evaluation replicas per model (default 48)")
     parser.add_argument("--time", default="50ps", help="evaluation time per replica (default 50ps)")
+    parser.add_argument("--refine-replicas", type=int, default=64, help="refine's replicas (default 64)")
+    parser.add_argument("--refine-epochs", type=int, default=80, help="refine's learning-epoch budget (default 80)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="also refine with these extra refine flags and evaluate it at 500 K beside the "
                              "default refine, e.g. 'lr3e-4=--lr 3e-4' (repeatable)")
@@ -151,7 +155,8 @@ def main() -> int:
         # Only the budget is set (replicas, epochs, a wall-clock safety net): every other setting is
         # refine's default, --obs-weight auto included.
         return stable_md("refine", str(base), "--data", data, "--obs", "hr", "-o", str(output),
-                         "--replicas", "8" if quick else "64", "--max-epochs", "3" if quick else "80",
+                         "--replicas", "8" if quick else str(args.refine_replicas),
+                         "--max-epochs", "3" if quick else str(args.refine_epochs),
                          "--max-time", "2" if quick else "240", "--no-progress", *extra)
 
     variants = {label: (out / f"{name}_1k.stable-{label}.pt", flags) for label, flags in _variants(args.variant)}
