@@ -11,8 +11,20 @@ from stable_md._threads import limit_threads as _limit_threads
 _limit_threads()
 
 
+__all__ = ["StableCalculator", "refine", "RefineSettings", "RefineResult", "evaluate", "EvaluateSettings",
+           "load_model"]
+
+
 def __getattr__(name: str):
-    # The Python API without importing OpenMM-facing modules at package import.
+    # The Python API without importing OpenMM-facing modules (or torch) at package import.
+    if name == "StableCalculator":
+        from stable_md.calculator import StableCalculator
+
+        return StableCalculator
+    if name == "load_model":
+        from stable_md.potentials.model_file import load_model
+
+        return load_model
     if name in ("refine", "RefineSettings", "RefineResult"):
         from stable_md import refinement
 
@@ -22,3 +34,7 @@ def __getattr__(name: str):
 
         return getattr(evaluation, name)
     raise AttributeError(f"module 'stable_md' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
 from stable_md.potentials.base import plain_execution
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.pretrain import DTYPES
@@ -61,8 +62,10 @@ class StableCalculator(Calculator):
         if pbc.any() and not pbc.all():
             raise ValueError(f"StableCalculator: partly periodic cells (pbc={pbc.tolist()}) are not supported; "
                              f"use a molecule (pbc=False) or a fully periodic box")
+        check_finite_positions(atoms.positions, "StableCalculator")
         if not pbc.any():
             return None
+        check_cell_fits_cutoff(np.asarray(atoms.cell), max(model.cutoff for model in self.models), "StableCalculator")
         return torch.tensor(np.asarray(atoms.cell), dtype=self.dtype, device=self.device)[None]
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -557,6 +558,11 @@ def _refine(args: argparse.Namespace) -> int:
     print(f"wrote {result.output}; log, checkpoint and plots in {Path(summary['figures'][0]).parent if summary['figures'] else ''}")
     for figure in summary["figures"]:
         print(f"  {figure}")
+    if summary["refined"]:
+        # Refine's own numbers come from the replicas it trained on; held-out stability needs evaluate.
+        print(f"to compare stability on held-out starts: stable-md evaluate {shlex.quote(str(model))} "
+              f"{shlex.quote(str(result.output))} --label before --label refined --data {shlex.quote(str(args.data))} "
+              f"--temperature {settings.temperature:g} -o {shlex.quote(str(Path(result.output).with_suffix('')) + '.evaluation')}")
     stopped = summary["stopped_by"]
     return 0 if stopped in ("cycles", "epochs", "wall time", "simulation time") else 1
 

@@ -91,6 +91,20 @@ def test_clear_errors(pretrained_model, tmp_path):
     slab.calc = calc
     with pytest.raises(ValueError, match="partly periodic"):
         slab.get_potential_energy()
+    # coordinates that are not numbers: an error naming the atom, never a finite energy with a zero force
+    broken = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [np.nan, 0.9, 0]])
+    broken.calc = calc
+    with pytest.raises(ValueError, match=r"StableCalculator: positions of atom 2 are not finite"):
+        broken.get_forces()
+    broken.positions[2] = [np.inf, 0.9, 0.0]
+    with pytest.raises(ValueError, match=r"atom 2 are not finite"):
+        broken.get_potential_energy()
+    # a box narrower than twice the cutoff: the widths and the cutoff in the message, before the model runs
+    small_box = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [0, 0.96, 0]], cell=[12, 12, 6], pbc=True)
+    small_box.calc = calc
+    cutoff = calc.models[0].cutoff
+    with pytest.raises(ValueError, match=rf"12.000, 12.000, 6.000 Å between opposite faces.*cutoff is {cutoff:g} Å"):
+        small_box.get_potential_energy()
     with pytest.raises(ValueError, match="default_dtype"):
         StableCalculator(pretrained_model, default_dtype="float16")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
@@ -99,3 +113,14 @@ def test_clear_errors(pretrained_model, tmp_path):
     not_a_model.write_text("hello")
     with pytest.raises(ValueError, match="notes.pt is not a stable-md model file"):
         StableCalculator(not_a_model)
+
+
+def test_top_level_import_does_not_load_openmm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from stable_md import StableCalculator, load_model; "
+            "assert StableCalculator.__module__ == 'stable_md.calculator'; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('openmm', 'openmm_bridge')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import numpy as np
@@ -145,6 +146,14 @@ def test_cli_refine_writes_model_log_and_plots(tmp_path, pretrained_model, ethan
     assert "held-out force MAE" in out and "bond-types.png" in out
     recorded = json.loads((tmp_path / "cli.stable.refine" / "settings.json").read_text())["settings"]
     assert (recorded["learning_patience"], recorded["simulation_patience"]) == (20, 10)  # the documented defaults
+    # the evaluate command refine suggests runs as printed (here with a tiny budget added)
+    (suggested,) = [line for line in out.splitlines() if line.startswith("to compare stability")]
+    command = shlex.split(suggested.split(": ", 1)[1])
+    assert command[:2] == ["stable-md", "evaluate"]
+    assert main(command[1:] + ["--replicas", "2", "--time", "0.05ps", "--error-frames", "5"]) == 0
+    report = json.loads((tmp_path / "cli.stable.evaluation" / "evaluation.json").read_text())
+    assert [model["label"] for model in report["models"]] == ["before", "refined"]
+    capsys.readouterr()
 
     code = main(["refine", str(pretrained_model), "--data", str(ethanol_path), "-o", str(output), "--no-progress"])
     assert code == 2
