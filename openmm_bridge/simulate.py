@@ -20,7 +20,8 @@ import numpy as np
 from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot, snapshot_from_arrays, snapshot_to_arrays
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, TrajectoryWriter, truncate_dcd,
                                      truncate_state_log, write_topology)
-from stable_md.potentials.model_file import atomic_write, write_json
+from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
+from stable_md.potentials.model_file import atomic_write, file_sha256, read_metadata, write_json
 from stable_md.stability import EVALUATION_THRESHOLD, BondLengthCriterion, detect_bonds
 from stable_md.units import PS_IN_FS
 
@@ -68,17 +69,24 @@ def output_files(directory: Path) -> list[Path]:
     return fixed + sorted(directory.glob("replica_*.dcd"))
 
 
-def prepare_directory(directory: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an earlier run unless asked; ``overwrite`` deletes only files a run writes."""
-    existing = output_files(directory)
+def check_directory(directory: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an earlier run unless asked, before anything is written or deleted.
+
+    Files of a start that failed before its first frame (no checkpoint, no summary) count as no run.
+    """
     if resume:
         if not (directory / CHECKPOINT_NAME).exists():
             raise FileNotFoundError(f"cannot resume: {directory / CHECKPOINT_NAME} does not exist")
         return
-    if existing and not overwrite:
-        raise FileExistsError(f"{directory} already holds a run ({existing[0].name}, ...); pass --overwrite to "
+    started = [directory / name for name in (CHECKPOINT_NAME, SUMMARY_NAME) if (directory / name).exists()]
+    if started and not overwrite:
+        raise FileExistsError(f"{directory} already holds a run ({started[0].name}, ...); pass --overwrite to "
                               f"replace it or --resume to continue it")
-    for path in existing:
+
+
+def clear_directory(directory: Path) -> None:
+    """Delete only the files a run writes (any number of replicas) and make sure the directory exists."""
+    for path in output_files(directory):
         path.unlink()
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -103,18 +111,23 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
         reference = starts if reference_positions is None else reference_positions
         criterion = BondLengthCriterion(detect_bonds(np.asarray(settings.numbers), reference, cell),
                                         settings.bond_threshold, cell)
-    prepare_directory(directory, overwrite, resume)
-    record = asdict(settings)
+    check_cell_fits_cutoff(cell, read_metadata(settings.model)["cutoff"], f"simulate {settings.model}")
+    check_finite_positions(starts, "simulate: starting structures")
+    check_directory(directory, overwrite, resume)
+    record = {**asdict(settings), "model_sha256": file_sha256(settings.model)}
     if resume:
         _check_same_run(directory, record)
-    else:
-        write_json(directory / SETTINGS_NAME, record)
-        write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], cell)
+    # Everything that can fail on the user's input (the model, the device, the force backend) fails here,
+    # before the run directory is touched.
     replicas = ReplicaSet(settings.model, settings.numbers, starts, cell=cell, integrator=settings.integrator,
                           temperature=settings.temperature, timestep=settings.timestep, friction=settings.friction,
                           collision_frequency=settings.collision_frequency, seed=settings.seed, mode=settings.mode,
                           backend=settings.backend, platform=settings.platform, device=device,
                           check_interval=min(settings.frame_interval, 50))
+    if not resume:
+        clear_directory(directory)
+        write_json(directory / SETTINGS_NAME, record)
+        write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], cell)
     temperature_sum = np.zeros(settings.n_replicas)
     temperature_count = np.zeros(settings.n_replicas, dtype=np.int64)
     wall_before = 0.0
@@ -222,13 +235,20 @@ def _check_same_run(directory: Path, record: dict) -> None:
     if not path.exists():
         raise FileNotFoundError(f"cannot resume: {path} does not exist")
     saved = json.loads(path.read_text())
-    different = [key for key in RESUME_KEYS if saved.get(key) != record.get(key)]
-    if different:
-        details = ", ".join(f"{key}: run has {saved.get(key)!r}, now {record.get(key)!r}" for key in different)
+    # The model is the same when its bytes are (a copy or another path to it resumes; a different file copied
+    # over the same path does not). Runs recorded before the hash was kept compare the resolved path.
+    keys = [key for key in RESUME_KEYS if not (key == "model" and "model_sha256" in saved)]
+    different = [key for key in keys if saved.get(key) != record.get(key)]
+    details = [f"{key}: run has {saved.get(key)!r}, now {record.get(key)!r}" for key in different]
+    if "model_sha256" in saved and saved["model_sha256"] != record["model_sha256"]:
+        details.insert(0, f"model: {record['model']} is not the file the run started with (other contents)")
+    if details:
+        details = ", ".join(details)
         raise ValueError(f"cannot resume {directory}: settings differ from the original run ({details})")
-    if saved.get("total_time") != record.get("total_time"):
-        # Extending (or shortening) a run is allowed; everything else must match.
-        write_json(path, {**saved, "total_time": record["total_time"]})
+    if saved.get("total_time") != record.get("total_time") or saved.get("model") != record["model"]:
+        # Extending (or shortening) a run is allowed, and so is naming the same model by another path.
+        write_json(path, {**saved, "total_time": record["total_time"], "model": record["model"],
+                          "model_sha256": record["model_sha256"]})
 
 
 def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.ndarray,

@@ -464,6 +464,18 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device on this machine; "
+                         f"use --device cpu")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from stable_md.structures import starting_frames
     from stable_md.units import parse_time_fs
@@ -474,6 +486,7 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ImportError(f"simulate needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume exclude each other")
+    _check_device(args.device)
     total_time = parse_time_fs(args.time)
     if total_time < args.timestep:
         raise ValueError(f"--time {args.time} is shorter than one --timestep ({args.timestep} fs)")

@@ -12,6 +12,7 @@ import time
 import mdtraj
 import numpy as np
 import pytest
+import torch
 
 from stable_md.cli import main
 
@@ -77,7 +78,42 @@ def test_simulate_refuses_to_overwrite_and_names_bad_input(pretrained_model, eth
     assert "garbage.xyz: cannot be read by ASE" in capsys.readouterr().err
 
 
-def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_path, tmp_path):
+def test_simulate_checks_input_before_it_writes_anything(pretrained_model, ethanol_path, tmp_path, capsys):
+    from ase import Atoms
+    from ase.io import write
+
+    from stable_md.potentials import read_metadata
+
+    # a periodic box narrower than twice the cutoff: the widths and the cutoff, no traceback, no run folder
+    cutoff = read_metadata(pretrained_model)["cutoff"]
+    box = tmp_path / "small_box.xyz"
+    write(box, Atoms("OH2", positions=[[1, 1, 1], [1.96, 1, 1], [1, 1.96, 1]], cell=[4, 4, 4], pbc=True))
+    run = tmp_path / "boxed"
+    assert main(["simulate", str(pretrained_model), "--structure", str(box), "-o", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"4.000, 4.000, 4.000 Å between opposite faces; the model's cutoff is {cutoff:g} Å" in err, err
+    assert not run.exists()
+    # coordinates that are not numbers
+    nan = tmp_path / "nan.xyz"
+    nan.write_text("3\n\nO 0 0 0\nH 0.96 0 0\nH nan 0.96 0\n")
+    assert main(["simulate", str(pretrained_model), "--structure", str(nan), "-o", str(run), "--no-progress"]) == 2
+    assert "frame 0 atom 2" in capsys.readouterr().err and not run.exists()
+    # a device this machine lacks fails before the run directory is made
+    if not torch.cuda.is_available():
+        assert main(_args(pretrained_model, ethanol_path, run, "--device", "cuda")) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err and not run.exists()
+    # what a start that failed before its first frame left (no checkpoint, no summary) counts as no run
+    run.mkdir()
+    (run / "settings.json").write_text("{}")
+    (run / "topology.pdb").write_text("")
+    (run / "notes.txt").write_text("mine")
+    assert main(_args(pretrained_model, ethanol_path, run)) == 0
+    capsys.readouterr()
+    assert json.loads((run / "settings.json").read_text())["n_replicas"] == 3
+    assert (run / "notes.txt").read_text() == "mine"  # only files a run writes are replaced
+
+
+def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_path, tmp_path, capsys):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     long = ["--time", "1ps", "--integrator", "langevin"]
     assert main(_args(pretrained_model, ethanol_path, reference, *long)) == 0
@@ -107,6 +143,20 @@ def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_p
     assert main(_args(pretrained_model, ethanol_path, resumed, "--integrator", "langevin", "--time", "1.1ps",
                       "--resume")) == 0
     assert json.loads((resumed / "summary.json").read_text())["steps"] == 2200
+    # The same model named by another path (a copy) resumes; other bytes under that path are refused.
+    copy = tmp_path / "elsewhere" / "model-copy.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(pretrained_model.read_bytes())
+    assert main(_args(copy, ethanol_path, resumed, "--integrator", "langevin", "--time", "1.15ps", "--resume")) == 0
+    from conftest import FAST_SCHNET
+    from stable_md.potentials import build_metadata, build_potential, save_model
+
+    torch.manual_seed(5)
+    other, hyper = build_potential("schnet", [1, 6, 8], **FAST_SCHNET)
+    save_model(other, copy, build_metadata(other, hyper), overwrite=True)
+    capsys.readouterr()
+    assert main(_args(copy, ethanol_path, resumed, "--integrator", "langevin", "--time", "1.2ps", "--resume")) == 2
+    assert "model-copy.pt is not the file the run started with" in capsys.readouterr().err
     # Changing what the run is about is refused.
     assert main(_args(pretrained_model, ethanol_path, resumed, "--integrator", "verlet", "--time", "1.2ps",
                       "--resume")) == 2

@@ -19,7 +19,8 @@ when its output already exists, so a killed benchmark resumes by running it agai
 made before a ``--variant`` was added is resumed (``evaluate --resume``) to add the new model on the
 same starts, without rerunning the models it already holds.
 ``--data other.extxyz --name other --n-big 0`` runs the same experiment on another molecule
-(no comparison model when the data set is too small for one). Run from the repository root::
+(no comparison model when the data set is too small for one); ``--n-train N`` sets the baseline's
+training frames (default 1000). Run from the repository root::
 
     python benchmarks/aspirin/run.py                             # about 3 hours on 2 cores
     python benchmarks/aspirin/run.py --variant 'lpat0=--learning-patience 0'   # the paper's loop
@@ -98,6 +99,11 @@ def run_parallel(tasks: list[tuple[list[str], Path, Path | None, Path | None]], 
                                      f"see {_log_path(log_directory, output)}")
 
 
+def _size_label(frames: int) -> str:
+    """``1000`` -> ``1k``, ``10000`` -> ``10k``, ``200`` -> ``200``: the models' labels and file names."""
+    return f"{frames // 1000}k" if frames and frames % 1000 == 0 else str(frames)
+
+
 def _variants(values: list[str]) -> list[tuple[str, list[str]]]:
     """``NAME=ARGS`` pairs of --variant: a refine of the baseline with extra flags, e.g. ``lr3e-4=--lr 3e-4``."""
     variants = []
@@ -115,6 +121,8 @@ def main() -> int:
     parser.add_argument("--output", default=str(REPO / "benchmark_output" / "aspirin"))
     parser.add_argument("--data", default=str(DATA), help="data set (default: the committed aspirin set)")
     parser.add_argument("--name", default="aspirin", help="prefix of the model files (default: aspirin)")
+    parser.add_argument("--n-train", type=int, default=1000,
+                        help="training frames of the baseline (default 1000, labelled 1k)")
     parser.add_argument("--n-big", type=int, default=10000,
                         help="frames of the comparison model (default 10000; 0: no comparison model)")
     parser.add_argument("--n-test", type=int, default=1000,
@@ -141,11 +149,13 @@ def main() -> int:
     n_big = min(args.n_big, 2000) if quick and args.n_big else args.n_big
 
     name = args.name
-    base, big, refined = out / f"{name}_1k.pt", out / f"{name}_{n_big // 1000}k.pt", out / f"{name}_1k.stable.pt"
+    small = _size_label(args.n_train)
+    base, big, refined = (out / f"{name}_{small}.pt", out / f"{name}_{_size_label(n_big)}.pt",
+                          out / f"{name}_{small}.stable.pt")
     data = str(Path(args.data).resolve())
     common = ["--data", data, "--n-val", "100", "--lr", "1e-3", "--batch-size", "16", "--patience", "40",
               "--no-progress"] + ARCH
-    pretrain_base = stable_md("pretrain", *common, "--n-train", "1000", "--n-test", str(args.n_test),
+    pretrain_base = stable_md("pretrain", *common, "--n-train", str(args.n_train), "--n-test", str(args.n_test),
                               "--epochs", epochs_1k,
                               "--max-time", time_1k, "-o", str(base))
     pretrain_big = stable_md("pretrain", *common, "--n-train", str(n_big), "--n-test", str(args.n_test),
@@ -159,9 +169,9 @@ def main() -> int:
                          "--max-epochs", "3" if quick else str(args.refine_epochs),
                          "--max-time", "2" if quick else "240", "--no-progress", *extra)
 
-    variants = {label: (out / f"{name}_1k.stable-{label}.pt", flags) for label, flags in _variants(args.variant)}
+    variants = {label: (out / f"{name}_{small}.stable-{label}.pt", flags) for label, flags in _variants(args.variant)}
     started = time.perf_counter()
-    print(f"== 1. pretrain the 1k baseline{' and the comparison model' if n_big else ''}, then refine the 1k "
+    print(f"== 1. pretrain the {small} baseline{' and the comparison model' if n_big else ''}, then refine the {small} "
           f"model (two processes at a time)")
     tasks = [(pretrain_base, base, None, base.with_suffix(".ckpt.pt"))]
     if n_big:
@@ -172,10 +182,11 @@ def main() -> int:
 
     print("== 2. evaluate on identical held-out starts (the three temperatures side by side)")
     first = [base] + ([big] if n_big else [])
-    first_labels = ["1k"] + ([f"{n_big // 1000}k"] if n_big else [])
+    first_labels = [small] + ([_size_label(n_big)] if n_big else [])
+    refined_label = f"{small}+StABlE"
     plans = {500: (first + [refined] + [v[0] for v in variants.values()],
-                   first_labels + ["1k+StABlE"] + [f"1k+StABlE-{label}" for label in variants]),
-             350: ([base, refined], ["1k", "1k+StABlE"]), 700: ([base, refined], ["1k", "1k+StABlE"])}
+                   first_labels + [refined_label] + [f"{refined_label}-{label}" for label in variants]),
+             350: ([base, refined], [small, refined_label]), 700: ([base, refined], [small, refined_label])}
     tasks = []
     for temperature, (models, labels) in plans.items():
         directory = out / f"eval_{temperature}K"
@@ -198,10 +209,11 @@ def main() -> int:
     run_parallel(tasks, logs, slots=3, done=evaluated)
     evaluations = {t: json.loads((out / f"eval_{t}K" / "evaluation.json").read_text()) for t in plans}
 
-    summaries = {"1k+StABlE": json.loads((refined.with_suffix(".refine") / "summary.json").read_text())}
+    summaries = {refined_label: json.loads((refined.with_suffix(".refine") / "summary.json").read_text())}
     for label, (output, _) in variants.items():
-        summaries[f"1k+StABlE-{label}"] = json.loads((output.with_suffix(".refine") / "summary.json").read_text())
-    text = results_table(evaluations, summaries) + "\n" + targets_table(evaluations, first_labels) + "\n"
+        summaries[f"{refined_label}-{label}"] = json.loads((output.with_suffix(".refine") / "summary.json").read_text())
+    text = (results_table(evaluations, summaries) + "\n"
+            + targets_table(evaluations, first_labels, refined_label) + "\n")
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"evaluations": {str(k): v for k, v in evaluations.items()},
                                                   "refine": summaries}, indent=1, default=str))
@@ -237,23 +249,24 @@ def targets_table(evaluations: dict, first_labels: list[str], refined_label: str
 
     main = evaluations[500]
     by_label = {result["label"]: result for result in main["models"]}
-    base, new = by_label["1k"], by_label[refined_label]
+    base, new = by_label[first_labels[0]], by_label[refined_label]
     cap = main["settings"]["total_time"] / 1000.0
     against_base = compare(survival_sample(base), survival_sample(new), cap, seed=main["settings"]["seed"])
     rows = ["| target | measured | met? |", "|---|---|---|"]
     ratio, ci = against_base["median_ratio"], against_base["median_ratio_ci"]
     if ratio is None:
-        rows.append(f"| median stable time ≥ 10x the 1k baseline's, CI above 3x | baseline median beyond the cap | "
+        rows.append(f"| median stable time ≥ 10x the {first_labels[0]} baseline's, CI above 3x | baseline median "
+                    f"beyond the cap | "
                     f"n/a |")
     else:
         bound = "≥ " if against_base["median_ratio_censored"] else ""
-        rows.append(f"| median stable time ≥ 10x the 1k baseline's, CI above 3x | {bound}{ratio:.2f}x "
+        rows.append(f"| median stable time ≥ 10x the {first_labels[0]} baseline's, CI above 3x | {bound}{ratio:.2f}x "
                     f"[{ci[0]:.2f}, {ci[1]:.2f}] | {'yes' if ratio >= 10 and ci[0] > 3 else 'no'} |")
     if len(first_labels) > 1:
         big = by_label[first_labels[1]]
         against_big = compare(survival_sample(big), survival_sample(new), cap, seed=main["settings"]["seed"])
         better = against_big["rmst_ratio"] > 1 and against_big["logrank_p"] < 0.05
-        rows.append(f"| refined 1k more stable than {first_labels[1]} (log-rank p < 0.05) | RMST ×"
+        rows.append(f"| refined {first_labels[0]} more stable than {first_labels[1]} (log-rank p < 0.05) | RMST ×"
                     f"{against_big['rmst_ratio']:.2f} [{against_big['rmst_ratio_ci'][0]:.2f}, "
                     f"{against_big['rmst_ratio_ci'][1]:.2f}], p = {against_big['logrank_p']:.2g} | "
                     f"{'yes' if better else 'no'} |")
@@ -265,7 +278,7 @@ def targets_table(evaluations: dict, first_labels: list[str], refined_label: str
     lower = []
     for temperature, report in evaluations.items():
         errors = {result["label"]: result["observable"]["error"] for result in report["models"]}
-        lower.append((temperature, errors["1k"], errors[refined_label]))
+        lower.append((temperature, errors[first_labels[0]], errors[refined_label]))
 
     def shown(error) -> str:
         return "n/a" if error is None else f"{error:.4f}"
