@@ -20,6 +20,7 @@ import numpy as np
 from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot, snapshot_from_arrays, snapshot_to_arrays
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, TrajectoryWriter, truncate_dcd,
                                      truncate_state_log, write_topology)
+from stable_md.compatibility import warn_if_other_structures
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
 from stable_md.potentials.model_file import atomic_write, file_sha256, read_metadata, write_json
 from stable_md.stability import EVALUATION_THRESHOLD, BondLengthCriterion, detect_bonds
@@ -111,7 +112,9 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
         reference = starts if reference_positions is None else reference_positions
         criterion = BondLengthCriterion(detect_bonds(np.asarray(settings.numbers), reference, cell),
                                         settings.bond_threshold, cell)
-    check_cell_fits_cutoff(cell, read_metadata(settings.model)["cutoff"], f"simulate {settings.model}")
+    metadata = read_metadata(settings.model)
+    check_cell_fits_cutoff(cell, metadata["cutoff"], f"simulate {settings.model}")
+    warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model, "the starting structures")
     check_finite_positions(starts, "simulate: starting structures")
     check_directory(directory, overwrite, resume)
     record = {**asdict(settings), "model_sha256": file_sha256(settings.model)}

@@ -5,6 +5,7 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -650,11 +651,29 @@ def _data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_our_warnings(command: str) -> None:
+    """Print stable-md's own warnings as one line each, ``stable-md <command>: warning: ...``, every time."""
+    from stable_md.compatibility import OtherStructuresWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, OtherStructuresWarning):
+            print(f"stable-md {command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", OtherStructuresWarning)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            _show_our_warnings(args.command)
+            return int(args.func(args) or 0)
     except USER_ERRORS as error:
         if args.debug:
             raise

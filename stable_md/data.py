@@ -310,7 +310,8 @@ def data_record(data: Dataset) -> dict:
     origin = data.origin or {"path": data.source, "fingerprint": frames_fingerprint(data), "frames": len(data),
                              "size_bytes": None}
     return {"data": origin["path"], "data_fingerprint": origin["fingerprint"], "data_frames": origin["frames"],
-            "data_size_bytes": origin["size_bytes"]}
+            "data_size_bytes": origin["size_bytes"], "data_numbers": [int(z) for z in data.numbers],
+            "data_periodic": data.periodic}
 
 
 def same_data(entry: Optional[dict], data: Dataset) -> bool:

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.observables import (Observable, diffusion_coefficient, make_observable, mean_squared_displacement,
                                    reference_frames, velocity_autocorrelation)
@@ -183,6 +184,8 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
         "bonds": int(len(bonds.pairs)),
     }
     hashes = {model: file_sha256(model) for model in models}
+    for model in models:
+        warn_if_other_structures(metadata[model], dataset.numbers, dataset.periodic, model, dataset.source)
     finished = {}
     if resume:
         # all checked before the plan is rewritten, so a refused resume leaves the earlier evaluation as it was

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
@@ -326,6 +327,8 @@ class _Refinement:
         if missing:
             raise ValueError(f"{self.data.source} contains elements the model {self.model_file.path} was not "
                              f"trained on (atomic numbers {missing}; the model knows {sorted(known)})")
+        warn_if_other_structures(self.model_file.metadata, self.data.numbers, self.data.periodic,
+                                 str(self.model_file.path), self.data.source)
 
     def _split(self) -> tuple[Dataset, Optional[Dataset], str]:
         """Training frames (starts, references, regularizer) and held-out frames (error report), with a note.
