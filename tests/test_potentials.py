@@ -13,7 +13,8 @@ import torch
 from ase.build import molecule
 
 from small_models import SMALL_HYPERPARAMETERS, periodic_test_box
-from stable_md.potentials import build_metadata, build_potential, energy_and_forces, load_model, save_model
+from stable_md.potentials import (ARCHITECTURES, architecture_module, build_metadata, build_potential, energy_and_forces,
+                                  load_model, save_model)
 
 ARCHES = sorted(SMALL_HYPERPARAMETERS)
 SPECIES = [1, 6, 8]
@@ -212,3 +213,26 @@ def test_atomic_write_gives_files_ordinary_permissions(tmp_path):
         assert not list(tmp_path.glob(".*.tmp"))
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_hyperparameter_is_checked_with_a_message_naming_it(arch):
+    try:
+        module = architecture_module(arch)
+    except ImportError as error:
+        pytest.skip(f"{arch}: {error}")
+    assert set(module.HYPERPARAMETER_RULES) == set(module.DEFAULT_HYPERPARAMETERS)
+    from stable_md.potentials.hyperparameters import check_hyperparameters
+
+    check_hyperparameters(arch, dict(module.DEFAULT_HYPERPARAMETERS), module.HYPERPARAMETER_RULES)  # defaults pass
+    for bad in (-1.0, 0, float("nan"), float("inf"), "nan", True, None):
+        with pytest.raises(ValueError, match=rf"hyperparameter cutoff of architecture '{arch}' must be a finite "
+                                             rf"number > 0; got"):
+            build_potential(arch, [1, 6, 8], cutoff=bad)
+    counts = [name for name, rule in module.HYPERPARAMETER_RULES.items() if type(rule).__name__ == "Integer"]
+    assert counts, "every backbone has some whole-number hyperparameter"
+    for name in counts:
+        for bad in (-1, 2.5, "3", False):
+            with pytest.raises(ValueError, match=rf"hyperparameter {name} of architecture '{arch}' must be a whole "
+                                                 rf"number >= \d"):
+                build_potential(arch, [1, 6, 8], **{name: bad})

@@ -119,6 +119,12 @@ def test_cli_refuses_to_overwrite_and_reports_bad_input(tmp_path, ethanol_path, 
 
     assert main(_cli_args(ethanol_path, tmp_path / "y.pt", 1) + ["--hyper", "width=3"]) == 2
     assert "unknown hyperparameter(s) ['width']" in capsys.readouterr().err
+    # a cutoff of -1 once wrote a model whose forces were all zero; nan gave a TypeError traceback
+    for value, expected in (("-1", "got -1"), ("nan", "got 'nan'"), ("0", "got 0")):
+        assert main(_cli_args(ethanol_path, tmp_path / "c.pt", 1) + ["--hyper", f"cutoff={value}"]) == 2
+        err = capsys.readouterr().err
+        assert f"hyperparameter cutoff of architecture 'schnet' must be a finite number > 0; {expected}" in err, err
+    assert not (tmp_path / "c.pt").exists()
 
     args = _cli_args(ethanol_path, tmp_path / "z.pt", 1)
     args[args.index("--n-train") + 1] = "600"

@@ -11,6 +11,7 @@ import importlib
 from typing import Any, Sequence
 
 from stable_md.potentials.base import Potential, energy_and_forces, species_list
+from stable_md.potentials.hyperparameters import check_hyperparameters
 from stable_md.potentials.model_file import ModelFile, build_metadata, load_model, read_metadata, save_model
 
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -53,6 +54,7 @@ def build_potential(arch: str, species: Sequence[int], **overrides: Any) -> tupl
             f"unknown hyperparameter(s) {unknown} for architecture {arch!r}; known: {sorted(hyperparameters)}"
         )
     hyperparameters.update(overrides)
+    check_hyperparameters(arch, hyperparameters, module.HYPERPARAMETER_RULES, names=list(overrides))
     species = species_list(species)
     backbone = module.build_backbone(species, **hyperparameters)
     return Potential(backbone, species, hyperparameters["cutoff"], arch), hyperparameters

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.potentials.base import Potential
+from stable_md.potentials.hyperparameters import COUNT, NON_NEGATIVE, POSITIVE, Choice, Widths, WidthsByElement
 from stable_md.units import HARTREE_IN_EV
 
 with warnings.catch_warnings():
@@ -71,6 +72,13 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "default_hidden_layers": [128, 112, 96],
     # "celu" is torchani's CELU with alpha = 0.1 (as in ANI-1x/2x); "gelu" is also accepted.
     "activation": "celu",
+}
+
+HYPERPARAMETER_RULES = {
+    "cutoff": POSITIVE, "angular_cutoff": POSITIVE, "radial_start": NON_NEGATIVE, "radial_eta": POSITIVE,
+    "radial_num_shifts": COUNT, "angular_start": NON_NEGATIVE, "angular_eta": POSITIVE, "angular_zeta": POSITIVE,
+    "angular_num_shifts": COUNT, "angular_num_sections": COUNT, "cutoff_fn": Choice(("cosine", "smooth")),
+    "hidden_layers": WidthsByElement(), "default_hidden_layers": Widths(), "activation": Choice(("celu", "gelu")),
 }
 
 _CUTOFF_FUNCTIONS = ("cosine", "smooth")

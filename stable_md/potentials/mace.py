@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.potentials.base import Potential
+from stable_md.potentials.hyperparameters import COUNT, ORDER, POSITIVE, Text, Widths
 from stable_md.potentials.neighbors import frame_pointers
 
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
@@ -54,6 +55,13 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "interaction": "RealAgnosticResidualInteractionBlock",
     "interaction_first": "RealAgnosticResidualInteractionBlock",
     "gate": "silu",
+}
+
+HYPERPARAMETER_RULES = {
+    "cutoff": POSITIVE, "num_bessel": COUNT, "num_polynomial_cutoff": COUNT, "max_ell": ORDER,
+    "num_interactions": COUNT, "hidden_irreps": Text(), "MLP_irreps": Text(), "correlation": COUNT,
+    "radial_MLP": Widths(), "avg_num_neighbors": POSITIVE, "interaction": Text(), "interaction_first": Text(),
+    "gate": Text(),
 }
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.potentials.base import Potential
+from stable_md.potentials.hyperparameters import COUNT, ORDER, POSITIVE, Choice, Flag
 from stable_md.potentials.neighbors import frame_pointers
 
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
@@ -51,6 +52,13 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "use_sc": True,
     "resnet": False,
     "nonlinearity_type": "gate",
+}
+
+HYPERPARAMETER_RULES = {
+    "cutoff": POSITIVE, "num_layers": COUNT, "l_max": ORDER, "parity": Flag(), "num_features": COUNT,
+    "num_basis": COUNT, "BesselBasis_trainable": Flag(), "PolynomialCutoff_p": COUNT, "invariant_layers": COUNT,
+    "invariant_neurons": COUNT, "avg_num_neighbors": POSITIVE, "use_sc": Flag(), "resnet": Flag(),
+    "nonlinearity_type": Choice(("gate", "norm")),
 }
 
 # Keys of nequip's AtomicDataDict (nequip/data/_keys.py), for eager code here.

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from stable_md.potentials.hyperparameters import COUNT, POSITIVE
+
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "cutoff": 5.0,
     "hidden_channels": 64,
@@ -19,6 +21,9 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "num_interactions": 6,
     "num_gaussians": 25,
 }
+
+HYPERPARAMETER_RULES = {"cutoff": POSITIVE, "hidden_channels": COUNT, "num_filters": COUNT,
+                        "num_interactions": COUNT, "num_gaussians": COUNT}
 
 
 class ShiftedSoftplus(nn.Module):
