@@ -617,9 +617,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_xyz_output(path: str) -> None:
+    """The generators write extended XYZ, so the output's name must say so."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".extxyz", ".xyz"):
+        raise ValueError(f"-o {path}: the generator writes extended XYZ; name the output .extxyz or .xyz "
+                         f"(`stable-md data convert` makes .npz from it)")
+
+
 def _data_xtb(args: argparse.Namespace) -> int:
     from stable_md.refdata import xtb_md
 
+    _check_xyz_output(args.output)
     return xtb_md.run_from_arguments(args)
 
 
@@ -631,6 +640,7 @@ def _data_water(args: argparse.Namespace) -> int:
 
     if args.equilibration < 0:
         raise ValueError(f"--equilibration must be >= 0 steps, got {args.equilibration}")
+    _check_xyz_output(args.output)
     path = run_water_md(args.output, n_molecules=args.molecules, density=args.density,
                         temperature=args.temperature, timestep_fs=args.timestep, friction=args.friction,
                         n_frames=args.frames, every=args.every, equilibration_steps=args.equilibration,

@@ -181,9 +181,17 @@ class Dataset:
         return path
 
 
+SAVE_SUFFIXES = (".npz", ".extxyz", ".xyz")
+
+
 def save_dataset(data: Dataset, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``data`` as MD17-style ``.npz`` (suffix .npz) or extended XYZ (anything else)."""
-    if Path(path).suffix == ".npz":
+    """Write ``data`` as MD17-style ``.npz`` or as extended XYZ (``.extxyz``, ``.xyz``); other names are refused
+    rather than given contents their suffix does not promise."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SAVE_SUFFIXES:
+        raise DataError(f"{path}: cannot write a data set as {suffix or 'a file without a suffix'}; name it .npz "
+                        f"(MD17-style) or .extxyz / .xyz (extended XYZ)")
+    if suffix == ".npz":
         return data.save_npz(path, overwrite=overwrite)
     return data.save_extxyz(path, overwrite=overwrite)
 

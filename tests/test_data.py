@@ -172,3 +172,7 @@ def test_convert_to_md17_npz_round_trips(tmp_path, capsys, ethanol_path):
     assert main(["data", "convert", str(ethanol_path), str(tmp_path / "missing.xyz"), "-o",
                  str(tmp_path / "b.npz")]) == 2
     assert "missing.xyz" in capsys.readouterr().err
+    # a name whose suffix promises another format is refused, and nothing is written
+    assert main(["data", "convert", str(ethanol_path), "-o", str(tmp_path / "out.csv")]) == 2
+    assert "out.csv: cannot write a data set as .csv; name it .npz" in capsys.readouterr().err
+    assert not (tmp_path / "out.csv").exists()

@@ -196,6 +196,10 @@ def test_cli_writes_frames_and_names_bad_input(tmp_path, capsys):
     assert stable_md_main(["data", "xtb-md", "--smiles", "O", "-o", str(tmp_path / "y.extxyz"),
                            "--every", "0"]) == 2
     assert "--every must be >= 1" in capsys.readouterr().err
+    for command in (["data", "xtb-md", "--smiles", "O"], ["data", "water"]):
+        assert stable_md_main(command + ["-o", str(tmp_path / "frames.npz")]) == 2
+        assert "the generator writes extended XYZ; name the output .extxyz or .xyz" in capsys.readouterr().err
+        assert not (tmp_path / "frames.npz").exists()
 
 
 def test_committed_ethanol_data_set():

@@ -192,7 +192,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         names = [n for n in archive.namelist() if n.endswith("extra/" + METADATA_NAME)]
         if not names:
             raise ValueError(_not_ours(path))
-        return json.loads(archive.read(names[0]).decode())
+        return _parse_metadata(path, archive.read(names[0]).decode())
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -207,12 +207,31 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ValueError(f"{path}: cannot be read as a TorchScript model file ({error})") from error
     if not extra[METADATA_NAME]:
         raise ValueError(_not_ours(path))
-    metadata = json.loads(extra[METADATA_NAME])
+    metadata = _parse_metadata(path, extra[METADATA_NAME])
     if dtype is not None:
         module = module.to(dtype)
     for parameter in module.parameters():
         parameter.requires_grad_(True)
     return ModelFile(module=module, metadata=metadata, path=path)
+
+
+# What every reader of a model file relies on (the rest is optional or has a default).
+REQUIRED_METADATA = ("arch", "species", "cutoff")
+
+
+def _parse_metadata(path: Path, text: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: its {METADATA_NAME} is not valid JSON ({error}); the file is damaged") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: its {METADATA_NAME} is not a JSON object; the file is damaged")
+    missing = [name for name in REQUIRED_METADATA if name not in metadata]
+    if missing:
+        raise ValueError(f"{path}: its {METADATA_NAME} lacks the field{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(repr(name) for name in missing)} (expected {', '.join(REQUIRED_METADATA)}); "
+                         f"the file is damaged or was edited by hand")
+    return metadata
 
 
 def _check_model_path(path: str | os.PathLike) -> Path:
