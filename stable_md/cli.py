@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import warnings
@@ -27,9 +28,9 @@ def _add_run_options(p: argparse.ArgumentParser, overwrite_help: str, resume_hel
 
 def _add_energy_force_weights(p: argparse.ArgumentParser) -> None:
     """The energy/force loss weights, shared by pretrain and refine (refine's regularizer is the same loss)."""
-    p.add_argument("--energy-weight", type=float, default=1.0,
+    p.add_argument("--energy-weight", type=_non_negative_float, default=1.0,
                    help="weight of the per-atom energy MSE in the energy/force loss, eV^-2 (default: 1)")
-    p.add_argument("--force-weight", type=float, default=100.0,
+    p.add_argument("--force-weight", type=_non_negative_float, default=100.0,
                    help="weight of the force MSE in the energy/force loss, (eV/Å)^-2 (default: 100)")
 
 
@@ -60,8 +61,22 @@ def _count(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
     return value
 
 
@@ -72,8 +87,8 @@ def _observable_weight(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text}")
     return value
 
 
@@ -220,7 +235,7 @@ def _add_refine_parser(commands) -> None:
                    help="weight of each --obs, in the same order, or auto (default): calibrated at the first "
                         "learning epoch and raised on later ones so that the observables hold at least "
                         "--obs-share of every step's gradient norm, whatever the molecule's size or the backbone")
-    p.add_argument("--obs-share", type=float, default=0.3,
+    p.add_argument("--obs-share", type=_fraction, default=0.3,
                    help="with --obs-weight auto: the least share of each learning step's gradient norm the "
                         "observables hold (default: 0.3)")
     p.add_argument("--criterion", choices=["bond", "imd"], default="bond",
@@ -242,9 +257,9 @@ def _add_refine_parser(commands) -> None:
                    help="S: steps between samples for the estimator (default: 10)")
     p.add_argument("--check-every", type=_positive_int, default=50,
                    help="steps between stability checks (default: 50)")
-    p.add_argument("--f-max", type=float, default=0.2,
+    p.add_argument("--f-max", type=_fraction, default=0.2,
                    help="unstable fraction that ends a simulation phase (default: 0.2)")
-    p.add_argument("--f-min", type=float, default=0.05,
+    p.add_argument("--f-min", type=_fraction, default=0.05,
                    help="unstable fraction that ends a learning phase (default: 0.05)")
     p.add_argument("--simulation-patience", type=_count, default=10,
                    help="epochs after which a simulation phase turns to learning once any replica is unstable, "
@@ -253,7 +268,7 @@ def _add_refine_parser(commands) -> None:
                    help="learning epochs after which a learning phase ends even above --f-min, and the "
                         "replicas simulate on past the replayed window (default: 20; 0 waits for --f-min as "
                         "the paper)")
-    p.add_argument("--qm-weight", type=float, default=10.0,
+    p.add_argument("--qm-weight", type=_non_negative_float, default=10.0,
                    help="λ, weight of the energy/force loss on the data (default: 10)")
     p.add_argument("--qm-batch", type=_positive_int, default=64,
                    help="data frames drawn per learning epoch for the energy/force loss (default: 64)")
@@ -263,7 +278,7 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default: 1e-4)")
     p.add_argument("--lr-decay", type=_positive_float, default=1.0,
                    help="learning rate factor per learning epoch (default: 1, no decay)")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    p.add_argument("--momentum", type=_non_negative_float, default=0.0, help="SGD momentum (default: 0)")
     p.add_argument("--clip-grad", type=_positive_float, default=None,
                    help="clip the gradient norm to this value (default: no clipping)")
     p.add_argument("--max-cycles", type=_positive_int, default=4,
@@ -412,6 +427,11 @@ def _pretrain(args: argparse.Namespace) -> int:
             print(f"{name:<12}{errors['frames']:>8}{errors['energy_mae_meV']:>20.2f}"
                   f"{errors['force_mae_meV_per_A']:>20.2f}")
     print(f"wrote {output} (log: {output.with_suffix('.log.jsonl')})")
+    if report["stopped_by"] == "diverged":
+        print(f"stable-md pretrain: the training loss became NaN or inf in epoch {report['epochs'] + 1}; the "
+              f"model of the best epoch ({report['best_epoch']}) was written. Lower --lr (now {args.lr:g}) to train "
+              f"further", file=sys.stderr)
+        return 1
     return 0
 
 

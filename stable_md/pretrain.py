@@ -253,7 +253,19 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     bar = tqdm(total=settings.epochs, initial=state["epoch"], disable=not progress, desc=f"pretrain {arch}",
                unit="epoch")
     while state["epoch"] < settings.epochs:
-        epoch_stats = _train_epoch(potential, loss_fn, optimizer, train_tensors, settings.batch_size, generator)
+        try:
+            epoch_stats = _train_epoch(potential, loss_fn, optimizer, train_tensors, settings.batch_size, generator)
+        except FloatingPointError:
+            lr = optimizer.param_groups[0]["lr"]
+            if state["best_model"] is None:
+                bar.close()
+                raise TrainingDiverged(
+                    f"the training loss became NaN or inf in epoch {state['epoch'] + 1}, before any epoch "
+                    f"finished; lower --lr (now {lr:g}) or check {data.source} for outliers. Nothing was "
+                    f"written") from None
+            # keep what was learned: the best epoch so far is written below, and the report says why it stopped
+            stopped = "diverged"
+            break
         val_errors = prediction_errors(potential, val_tensors, batch_size=max(settings.batch_size, 32))
         val_force = val_errors["force_mae_meV_per_A"]
         scheduler.step(val_force)
@@ -307,6 +319,10 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     save_model(potential, output, metadata, overwrite=True)
     checkpoint_path.unlink(missing_ok=True)
     return potential, report
+
+
+class TrainingDiverged(ValueError):
+    """The loss became non-finite before any epoch finished, so there is no model to keep."""
 
 
 def _train_epoch(potential: nn.Module, loss_fn: EnergyForceLoss, optimizer: torch.optim.Optimizer,

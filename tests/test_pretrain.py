@@ -149,3 +149,41 @@ def test_refit_energy_shifts_removes_the_mean_residual_and_keeps_forces(ethanol)
     residual = train.energies - energy.detach().double().numpy()
     assert abs(residual.mean()) < 5e-3  # eV; float32 energies of about -310 eV
     assert torch.allclose(forces_before, forces_after)
+
+
+def test_numbers_must_be_finite_and_a_divergent_run_keeps_its_best_epoch(tmp_path, ethanol_path, capsys,
+                                                                         monkeypatch):
+    import stable_md.pretrain as pretrain_module
+
+    for option, value in (("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1"), ("--force-weight", "nan")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(_cli_args(ethanol_path, tmp_path / "m.pt", 1) + [option, value])
+        assert exit_info.value.code == 2
+        assert f"argument {option}: expected a finite number" in capsys.readouterr().err
+
+    # a learning rate this large diverges within the first epoch: one line, nothing written
+    diverging = tmp_path / "diverging.pt"
+    assert main(_cli_args(ethanol_path, diverging, 3) + ["--lr", "1e6"]) == 2
+    err = capsys.readouterr().err
+    assert "training loss became NaN or inf in epoch 1, before any epoch finished; lower --lr (now 1e+06)" in err
+    assert "Traceback" not in err and not list(tmp_path.glob("diverging*"))
+
+    # divergence after two good epochs (forced here in our own epoch function): the best epoch is written
+    real_epoch = pretrain_module._train_epoch
+    calls = {"n": 0}
+
+    def fails_on_the_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise FloatingPointError("training loss became non-finite")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "_train_epoch", fails_on_the_third_epoch)
+    kept = tmp_path / "kept.pt"
+    assert main(_cli_args(ethanol_path, kept, 5)) == 1
+    captured = capsys.readouterr()
+    assert "stopped by diverged after 2 epochs" in captured.out
+    assert "NaN or inf in epoch 3; the model of the best epoch" in captured.err
+    model = load_model(kept)
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+    assert model.metadata["history"][0]["report"]["stopped_by"] == "diverged"
