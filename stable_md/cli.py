@@ -73,6 +73,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction_or_zero(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and 0 < value <= 1):
@@ -89,6 +96,13 @@ def _observable_weight(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text}")
+    return value
+
+
+def _fraction_or_zero(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
     return value
 
 
@@ -259,7 +273,7 @@ def _add_refine_parser(commands) -> None:
                    help="steps between stability checks (default: 50)")
     p.add_argument("--f-max", type=_fraction, default=0.2,
                    help="unstable fraction that ends a simulation phase (default: 0.2)")
-    p.add_argument("--f-min", type=_fraction, default=0.05,
+    p.add_argument("--f-min", type=_fraction_or_zero, default=0.05,
                    help="unstable fraction that ends a learning phase (default: 0.05)")
     p.add_argument("--simulation-patience", type=_count, default=10,
                    help="epochs after which a simulation phase turns to learning once any replica is unstable, "

@@ -163,11 +163,13 @@ def test_cli_refine_writes_model_log_and_plots(tmp_path, pretrained_model, ethan
     paper = tmp_path / "paper.stable.pt"
     code = main(["refine", str(pretrained_model), "--data", str(ethanol_path), "-o", str(paper), "--replicas", "4",
                  "--steps-per-epoch", "100", "--max-cycles", "1", "--max-epochs", "1", "--max-sim-time", "0.2ps",
-                 "--qm-batch", "8", "--learning-patience", "0", "--simulation-patience", "0", "--no-progress"])
+                 "--qm-batch", "8", "--learning-patience", "0", "--simulation-patience", "0", "--f-min", "0",
+                 "--no-progress"])
     capsys.readouterr()
     assert code == 0
     recorded = json.loads((tmp_path / "paper.stable.refine" / "settings.json").read_text())["settings"]
     assert recorded["learning_patience"] is None and recorded["simulation_patience"] is None
+    assert recorded["f_min"] == 0.0  # a phase that learns until no replayed replica fails
 
 
 def test_refine_stabilizes_a_weak_model_on_held_out_starts(tmp_path, ethanol):
