@@ -321,8 +321,10 @@ def _prepare(directory: Path, overwrite: bool, resume: bool) -> None:
         if not (directory / MODELS_DIRECTORY).is_dir():
             raise FileNotFoundError(f"cannot resume: {directory} holds no earlier evaluation")
         return
-    if existing and not overwrite:
-        raise FileExistsError(f"{directory} already holds an evaluation ({existing[0].name}, ...); pass --overwrite "
+    # An empty models/ (a start that failed before its first plan or result) counts as no evaluation.
+    started = [p for p in existing if not p.is_dir() or any(p.glob("*.json"))]
+    if started and not overwrite:
+        raise FileExistsError(f"{directory} already holds an evaluation ({started[0].name}, ...); pass --overwrite "
                               f"to replace it or --resume to finish it")
     for path in existing:
         if path.is_dir():

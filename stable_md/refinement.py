@@ -269,8 +269,11 @@ def _prepare(output: Path, directory: Path, overwrite: bool, resume: bool) -> No
     ours = [directory / name for name in (LOG_NAME, CHECKPOINT_NAME, SETTINGS_NAME, SUMMARY_NAME)]
     ours += sorted(directory.glob("*.png")) if directory.exists() else []
     existing = [path for path in ours if path.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{directory} already holds a refine run ({existing[0].name}, ...); pass --overwrite "
+    # settings.json alone (or with a partial log) is what a start that failed before its first checkpoint
+    # leaves: there is nothing to resume and nothing to keep, so it counts as no run.
+    started = [path for path in existing if path.name in (CHECKPOINT_NAME, SUMMARY_NAME)]
+    if started and not overwrite:
+        raise FileExistsError(f"{directory} already holds a refine run ({started[0].name}, ...); pass --overwrite "
                               f"to replace it or --resume to continue it")
     for path in existing:
         path.unlink()

@@ -159,3 +159,14 @@ def test_evaluate_refuses_elements_the_model_does_not_know(tmp_path, pretrained_
                     energies=ethanol.energies[:50], forces=ethanol.forces[:50], source="nitrogen.xyz")
     with pytest.raises(ValueError, match=r"nitrogen.xyz contains elements .*\[7\]"):
         evaluate([pretrained_model], other, tmp_path / "n", EvaluateSettings(**QUICK), progress=False)
+
+
+def test_an_empty_models_directory_counts_as_no_evaluation(tmp_path):
+    from stable_md.evaluation import _prepare
+
+    directory = tmp_path / "eval"
+    (directory / "models").mkdir(parents=True)  # what a start that failed before its first result leaves
+    _prepare(directory, overwrite=False, resume=False)
+    (directory / "models" / "a.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds an evaluation \\(models, ...\\); pass --overwrite"):
+        _prepare(directory, overwrite=False, resume=False)

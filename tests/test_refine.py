@@ -351,3 +351,19 @@ def test_energy_and_force_weights_are_checked(tmp_path, pretrained_model, ethano
                     progress=False)
     learning = [row for row in result.history if row["phase"] == "learning"]
     assert learning and all("qm_loss" not in row for row in learning)
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_counts_as_no_run(tmp_path):
+    from stable_md.refinement import _prepare
+
+    directory = tmp_path / "m.stable.refine"
+    directory.mkdir()
+    (directory / "settings.json").write_text("{}")
+    (directory / "notes.txt").write_text("mine")
+    _prepare(tmp_path / "m.stable.pt", directory, overwrite=False, resume=False)
+    assert not (directory / "settings.json").exists() and (directory / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="cannot resume: .*checkpoint.pt does not exist"):
+        _prepare(tmp_path / "m.stable.pt", directory, overwrite=False, resume=True)
+    (directory / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds a refine run \\(checkpoint.pt, ...\\); pass --overwrite"):
+        _prepare(tmp_path / "m.stable.pt", directory, overwrite=False, resume=False)
