@@ -22,7 +22,7 @@ from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, Tr
                                      truncate_state_log, write_topology)
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
-from stable_md.potentials.model_file import atomic_write, file_sha256, read_metadata, write_json
+from stable_md.potentials.model_file import atomic_write, file_sha256, read_checkpoint, read_metadata, write_json
 from stable_md.stability import EVALUATION_THRESHOLD, BondLengthCriterion, detect_bonds
 from stable_md.units import PS_IN_FS
 
@@ -267,8 +267,11 @@ def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.n
 
 
 def _load_checkpoint(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as data:
-        return {"snapshot": snapshot_from_arrays(data), "frames_written": data["frames_written"],
-                "temperature_sum": data["temperature_sum"].copy(),
-                "temperature_count": data["temperature_count"].copy(),
-                "wall_seconds": float(data["wall_seconds"])}
+    def read(path: Path) -> dict:
+        with np.load(path, allow_pickle=False) as data:
+            return {"snapshot": snapshot_from_arrays(data), "frames_written": data["frames_written"],
+                    "temperature_sum": data["temperature_sum"].copy(),
+                    "temperature_count": data["temperature_count"].copy(),
+                    "wall_seconds": float(data["wall_seconds"])}
+
+    return read_checkpoint(path, "simulate", read)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from stable_md.data import Dataset, data_record, load_dataset
 from stable_md.potentials import Potential, build_metadata, build_potential, energy_and_forces, save_model
-from stable_md.potentials.model_file import atomic_write, truncate_jsonl_log
+from stable_md.potentials.model_file import atomic_write, read_checkpoint, truncate_jsonl_log
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -364,7 +364,15 @@ def _save_checkpoint(path: Path, identity: dict, state: dict, potential: nn.Modu
 
 def _load_checkpoint(path: Path, identity: dict, potential: nn.Module, optimizer, scheduler,
                      generator: torch.Generator) -> dict:
-    payload = torch.load(path, weights_only=True)
+    def read(path: Path) -> dict:
+        payload = torch.load(path, weights_only=True)
+        missing = [key for key in ("identity", "model", "optimizer", "scheduler", "generator", "state", "best_model")
+                   if key not in payload]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return payload
+
+    payload = read_checkpoint(path, "pretrain", read)
     if payload["identity"] != json.dumps(identity, sort_keys=True):
         saved = json.loads(payload["identity"])
         differences = sorted(k for k in identity if saved.get(k) != identity[k])

@@ -35,8 +35,7 @@ from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
 from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, file_sha256,
-                                            load_model,
-                                            save_model, truncate_jsonl_log, write_json)
+                                            load_model, read_checkpoint, save_model, truncate_jsonl_log, write_json)
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
 from stable_md.stability import (MIN_DISTANCE_THRESHOLD, TRAINING_THRESHOLD, BondLengthCriterion,
                                  MinDistanceCriterion, detect_bonds)
@@ -714,10 +713,7 @@ class _Refinement:
         from openmm_bridge.replicas import snapshot_from_arrays
 
         path = self.directory / CHECKPOINT_NAME
-        try:
-            payload = torch.load(path, weights_only=True)
-        except Exception as error:  # a damaged file must name itself
-            raise ValueError(f"{path}: cannot read the refine checkpoint ({error})") from error
+        payload = read_checkpoint(path, "refine", lambda path: torch.load(path, weights_only=True))
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])

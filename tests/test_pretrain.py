@@ -93,8 +93,12 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, ethanol_path):
 
     # Without --resume the interrupted run is protected, with it the run completes.
     assert main(_cli_args(ethanol_path, resumed, epochs)) == 2
+    stale = tmp_path / ".resumed.ckpt.pt.k1ll3d.tmp"  # what a kill during a checkpoint write leaves
+    stale.write_bytes(b"half a checkpoint")
     assert main(_cli_args(ethanol_path, resumed, epochs) + ["--resume"]) == 0
     assert not checkpoint.exists()
+    assert not list(tmp_path.glob(".*.tmp")), "stale temporaries of our own naming are removed"
+
     epochs_logged = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs_logged == list(range(1, epochs + 1))
 
@@ -187,3 +191,25 @@ def test_numbers_must_be_finite_and_a_divergent_run_keeps_its_best_epoch(tmp_pat
     model = load_model(kept)
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
     assert model.metadata["history"][0]["report"]["stopped_by"] == "diverged"
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path, ethanol_path, capsys):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo this must not run",))
+
+    model = tmp_path / "m.pt"
+    checkpoint = model.with_suffix(".ckpt.pt")
+    torch.save({"identity": "{}", "model": {}}, checkpoint)
+    full = checkpoint.read_bytes()
+    for name, content in (("truncated", full[: len(full) // 2]), ("not a torch file", b"hello"),
+                          ("a code-running pickle", pickle.dumps(Payload(), protocol=2)), ("missing entries", full)):
+        checkpoint.write_bytes(content)
+        assert main(_cli_args(ethanol_path, model, 2) + ["--resume"]) == 2, name
+        captured = capsys.readouterr()
+        assert f"{checkpoint}: cannot read the pretrain checkpoint; it is damaged" in captured.err, (name, captured.err)
+        assert "this must not run" not in captured.out and "Traceback" not in captured.err
+    assert not model.exists()

@@ -111,6 +111,11 @@ def test_simulate_checks_input_before_it_writes_anything(pretrained_model, ethan
     capsys.readouterr()
     assert json.loads((run / "settings.json").read_text())["n_replicas"] == 3
     assert (run / "notes.txt").read_text() == "mine"  # only files a run writes are replaced
+    # a truncated checkpoint is named, not a BadZipFile traceback
+    checkpoint = run / "checkpoint.npz"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    assert main(_args(pretrained_model, ethanol_path, run, "--resume")) == 2
+    assert f"{checkpoint}: cannot read the simulate checkpoint; it is damaged" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_path, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -120,6 +121,9 @@ def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed mid-write leaves its temporary behind; the next write of the same file removes it.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -131,6 +135,17 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_checkpoint(path: Path, what: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, with any failure (truncated, not ours, missing entries) reported as a ValueError that
+    names the file: ``what`` says whose checkpoint it is (e.g. "pretrain")."""
+    try:
+        return read(path)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read the {what} checkpoint; it is damaged (e.g. truncated) or was not "
+                         f"written by stable-md ({type(error).__name__}: {error}). Delete it to start over, or "
+                         f"rerun with --overwrite") from error
 
 
 def write_json(path: Path, payload: Any) -> None:
