@@ -74,7 +74,7 @@ class BatchedEngine(_Engine):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.callback = ModelCallback(self.model, self.numbers, self.n_replicas, periodic=self.box_nm is not None,
-                                      device=self.device)
+                                      device=self.device, on_failure="freeze")
         self.frozen = np.zeros(self.n_replicas, dtype=bool)
         self.context: Optional[openmm.Context] = None
 
@@ -133,7 +133,8 @@ class PerReplicaEngine(_Engine):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         periodic = self.box_nm is not None
-        self.callbacks = [ModelCallback(self.model, self.numbers, 1, periodic=periodic, device=self.device)
+        self.callbacks = [ModelCallback(self.model, self.numbers, 1, periodic=periodic, device=self.device,
+                                        on_failure="freeze")
                           for _ in range(self.n_replicas)]
         self.frozen = np.zeros(self.n_replicas, dtype=bool)
         self.contexts: list[openmm.Context] = []

@@ -2,9 +2,14 @@
 
 :class:`ModelCallback` is the computation behind ``openmm.PythonForce``: it evaluates R
 non-interacting replicas of one system as one batch ``[R, N, 3]``, converts units at
-the edge (nm and kJ/mol outside, Å and eV inside), keeps each replica's last energy,
-and shields the other replicas from one that produces non-finite numbers: such a
-replica is flagged, gets zero forces and is no longer evaluated.
+the edge (nm and kJ/mol outside, Å and eV inside) and keeps each replica's last energy.
+
+A replica whose positions, energy or forces are not finite, or whose largest force exceeds
+:data:`MAX_FORCE_EV_PER_A`, has left physics. In a user's own System (``on_failure="raise"``,
+the default) the callback raises :class:`ModelFailure` naming the replica, the atom and the
+value, so OpenMM stops instead of integrating on anything made up. The replica engine passes
+``on_failure="freeze"``: the replica is flagged in ``nonfinite``, gets zero forces and is no
+longer evaluated, shielding the other replicas until the engine retires it.
 
 It is a module-level class holding the model file's path, so a System containing it
 pickles into OpenMM's XML (see :mod:`openmm_bridge.serialization`).
@@ -28,6 +33,12 @@ from stable_md.units import EV_IN_KJ_PER_MOL, EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM, 
 
 BACKENDS = ("python", "torch")
 FORCE_NAME = "stable-md model"
+ON_FAILURE = ("raise", "freeze")
+
+
+class ModelFailure(ArithmeticError):
+    """The model met a state it cannot describe: non-finite positions, energy or forces, or a force
+    beyond :data:`MAX_FORCE_EV_PER_A`; the message names the replica and the atom."""
 
 
 class ModelCallback:
@@ -52,11 +63,18 @@ class ModelCallback:
         Subtract each replica's mean force so that its centre-of-mass momentum is conserved
         exactly, as it is analytically for a translation-invariant potential; without this,
         float32 round-off makes molecules drift and upsets per-replica thermostats.
+    on_failure:
+        ``"raise"`` (default): a replica with non-finite positions, energy or forces, or a force
+        above :data:`MAX_FORCE_EV_PER_A`, raises :class:`ModelFailure` (OpenMM then stops the step
+        with an ``OpenMMException``; the original error is kept in ``last_error``).
+        ``"freeze"``: flag it in ``nonfinite`` and give it zero forces from then on, for an engine
+        that checks ``nonfinite`` after every step and retires the replica (ReplicaSet does).
     """
 
     def __init__(self, model: nn.Module | ModelFile | str | os.PathLike, numbers: Sequence[int],
                  n_replicas: int = 1, periodic: bool = False, model_path: Optional[str | os.PathLike] = None,
-                 device: str | torch.device = "cpu", remove_net_force: bool = True) -> None:
+                 device: str | torch.device = "cpu", remove_net_force: bool = True,
+                 on_failure: str = "raise") -> None:
         if isinstance(model, (str, os.PathLike)):
             model_path = model
             model = load_model(model, device=device)
@@ -67,6 +85,9 @@ class ModelCallback:
             raise TypeError(f"expected a model module, ModelFile or model file path, got {type(model).__name__}")
         if n_replicas < 1:
             raise ValueError(f"n_replicas must be at least 1, got {n_replicas}")
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        self.on_failure = on_failure
         self.model = model
         self.model_path = None if model_path is None else Path(model_path).resolve()
         self.numbers = np.asarray(numbers, dtype=np.int64)
@@ -98,7 +119,8 @@ class ModelCallback:
                 "build the force from the file to serialize the System")
         return {"model_path": str(self.model_path), "numbers": self.numbers.tolist(),
                 "n_replicas": self.n_replicas, "periodic": self.periodic, "device": str(self.device),
-                "remove_net_force": self.remove_net_force, "active": self.active.tolist()}
+                "remove_net_force": self.remove_net_force, "active": self.active.tolist(),
+                "on_failure": self.on_failure}
 
     def __setstate__(self, state: dict) -> None:
         path = Path(state["model_path"])
@@ -112,6 +134,8 @@ class ModelCallback:
         self.periodic = bool(state["periodic"])
         self.device = torch.device(state["device"])
         self.remove_net_force = bool(state["remove_net_force"])
+        # Systems serialized before on_failure existed: the safe choice for a user's own System.
+        self.on_failure = state.get("on_failure", "raise")
         self._setup()
         self.active[:] = np.asarray(state["active"], dtype=bool)
 
@@ -135,6 +159,11 @@ class ModelCallback:
         self.energies_eV[:] = np.nan
         running = self.active & ~self.nonfinite
         finite_positions = np.isfinite(frames).all(axis=(1, 2))
+        if self.on_failure == "raise" and (running & ~finite_positions).any():
+            replica = int(np.flatnonzero(running & ~finite_positions)[0])
+            atoms = np.flatnonzero(~np.isfinite(frames[replica]).all(axis=1))
+            raise ModelFailure(f"{self._where(replica)}non-finite positions (NaN or inf) on atom(s) "
+                               f"{atoms[:10].tolist()}: the simulation had already failed before this force call")
         self.nonfinite |= running & ~finite_positions
         replicas = np.flatnonzero(running & finite_positions)
         total = 0.0
@@ -144,6 +173,9 @@ class ModelCallback:
             # exploding, and a few steps later the integrator would fail on NaN coordinates.
             good = (np.isfinite(energies) & np.isfinite(replica_forces).all(axis=(1, 2))
                     & (np.abs(replica_forces).max(axis=(1, 2), initial=0.0) < MAX_FORCE_EV_PER_A))
+            if self.on_failure == "raise" and not good.all():
+                bad = int(np.flatnonzero(~good)[0])
+                raise ModelFailure(self._failure_message(int(replicas[bad]), energies[bad], replica_forces[bad]))
             self.nonfinite[replicas[~good]] = True
             replicas, energies, replica_forces = replicas[good], energies[good], replica_forces[good]
             if self.remove_net_force:
@@ -153,6 +185,22 @@ class ModelCallback:
             total = float(energies.sum()) * EV_IN_KJ_PER_MOL
         self.evaluations += 1
         return total, forces.reshape(-1, 3)
+
+    def _where(self, replica: int) -> str:
+        return f"replica {replica}: " if self.n_replicas > 1 else ""
+
+    def _failure_message(self, replica: int, energy: float, forces: np.ndarray) -> str:
+        """Why a replica's model output was refused: the energy, or the atom with the worst force (eV/Å)."""
+        where = self._where(replica)
+        if not np.isfinite(energy):
+            return f"{where}the model returned a non-finite energy ({energy}): the structure has left physics"
+        magnitudes = np.where(np.isfinite(forces).all(axis=1), np.linalg.norm(forces, axis=1), np.inf)
+        atom = int(np.argmax(magnitudes))
+        if not np.isfinite(magnitudes[atom]):
+            return f"{where}the model returned a non-finite force on atom {atom}: the structure has left physics"
+        return (f"{where}the force on atom {atom} is {magnitudes[atom]:.4g} eV/Å, above the "
+                f"{MAX_FORCE_EV_PER_A:g} eV/Å an MD step can integrate: atoms have collapsed or the structure "
+                f"has left the model's domain")
 
     def _evaluate(self, frames_nm: np.ndarray, box_nm: Optional[np.ndarray]):
         positions = torch.as_tensor(frames_nm * NM_IN_ANGSTROM, dtype=self.dtype, device=self.device)

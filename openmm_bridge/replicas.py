@@ -147,7 +147,8 @@ class ReplicaSet:
                                     backend, platform, device)
         # Energies for reports come from their own batched evaluator, whatever the force backend.
         self._energy_evaluator = ModelCallback(self.model, self.numbers, self.n_replicas,
-                                               periodic=self.cell is not None, device=device)
+                                               periodic=self.cell is not None, device=device,
+                                               on_failure="freeze")
         self.frozen = np.zeros(self.n_replicas, dtype=bool)
         self.unstable = np.zeros(self.n_replicas, dtype=bool)
         # Step at which each replica was found unstable (-1: never).

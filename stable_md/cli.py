@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "that unit per Å. Default: eV for xyz, kcal/mol for .npz")
     p.add_argument("--energy-key", default="energy", help="energy key in extended XYZ (default: energy)")
     p.add_argument("--forces-key", default="forces", help="forces key in extended XYZ (default: forces)")
-    p.add_argument("--n-train", type=_positive_int, default=1000, help="training frames (default: 1000)")
-    p.add_argument("--n-val", type=_positive_int, default=100, help="validation frames (default: 100)")
+    p.add_argument("--n-train", type=_positive_int, default=None,
+                   help="training frames (default: 80%% of the file, at most 1000)")
+    p.add_argument("--n-val", type=_positive_int, default=None,
+                   help="validation frames (default: 10%% of the file, at least 1, at most 100)")
     p.add_argument("--n-test", type=int, default=1000,
                    help="test frames, at most what remains (default: 1000; -1 = all remaining)")
     p.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs (default: 300)")
@@ -430,7 +432,7 @@ def _pretrain(args: argparse.Namespace) -> int:
           f"({data.n_atoms} atoms, species {data.species})")
     _, report = pretrain(data, args.arch, output, split=split, settings=settings,
                          hyperparameters=dict(args.hyper), units=args.units, overwrite=args.overwrite,
-                         resume=args.resume, progress=not args.no_progress)
+                         resume=args.resume, progress=not args.no_progress, announce=print)
     print(f"\nstopped by {report['stopped_by']} after {report['epochs']} epochs "
           f"(best epoch {report['best_epoch']}, {report['wall_time_s']:.0f} s, "
           f"{report['n_parameters']} parameters)")

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -176,34 +176,56 @@ class PretrainSettings:
 
 @dataclass
 class SplitSettings:
-    """How frames of the data file are split: counts and the permutation seed."""
+    """How frames of the data file are split: counts and the permutation seed.
 
-    n_train: int = 1000
-    n_val: int = 100
+    ``None`` counts adapt to the file, as MACE's ``valid_fraction`` does: validation 10 % of the
+    frames (at least 1, at most 100), training 80 % (at most 1000), test what remains (at most 1000).
+    A file of 1,250 frames or more gets 1000/100/1000.
+    """
+
+    n_train: Optional[int] = None
+    n_val: Optional[int] = None
     n_test: Optional[int] = 1000
     seed: int = 0
 
+    def resolved(self, n_frames: int, source: str = "data") -> "SplitSettings":
+        """The counts used on a file of ``n_frames`` frames; raises ``ValueError`` naming ``source``."""
+        n_val = self.n_val if self.n_val is not None else min(MAX_DEFAULT_VAL, max(1, round(0.1 * n_frames)))
+        n_train = (self.n_train if self.n_train is not None
+                   else min(MAX_DEFAULT_TRAIN, int(0.8 * n_frames), n_frames - n_val))
+        if n_train < 1 or n_val < 1:
+            raise ValueError(f"{source}: has {n_frames} frame(s); pretraining needs at least 1 training and "
+                             f"1 validation frame")
+        if n_train + n_val > n_frames:
+            raise ValueError(f"{source}: has {n_frames} frames, fewer than n_train + n_val = {n_train} + {n_val} "
+                             f"(--n-train/--n-val; leave them out to use 80%/10% of the file)")
+        remaining = n_frames - n_train - n_val
+        n_test = remaining if self.n_test is None else min(self.n_test, remaining)
+        return SplitSettings(n_train=n_train, n_val=n_val, n_test=n_test, seed=self.seed)
+
+
+MAX_DEFAULT_TRAIN, MAX_DEFAULT_VAL = 1000, 100
+
 
 def split_dataset(data: Dataset, split: SplitSettings) -> tuple[Dataset, Dataset, Dataset]:
-    """Train/validation/test frames, clipping the test set to what remains."""
-    if split.n_train + split.n_val > len(data):
-        raise ValueError(f"{data.source}: has {len(data)} frames, fewer than n_train + n_val = "
-                         f"{split.n_train} + {split.n_val}")
-    remaining = len(data) - split.n_train - split.n_val
-    n_test = remaining if split.n_test is None else min(split.n_test, remaining)
-    return data.split(split.n_train, split.n_val, n_test, seed=split.seed)
+    """Train/validation/test frames (counts resolved with :meth:`SplitSettings.resolved`)."""
+    split = split.resolved(len(data), str(data.source))
+    return data.split(split.n_train, split.n_val, split.n_test, seed=split.seed)
 
 
 def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
              split: SplitSettings = SplitSettings(), settings: PretrainSettings = PretrainSettings(),
              hyperparameters: Optional[dict[str, Any]] = None, units: Optional[str] = None,
              overwrite: bool = False, resume: bool = False, progress: bool = True,
-             log_path: Optional[str | Path] = None) -> tuple[Potential, dict[str, Any]]:
+             log_path: Optional[str | Path] = None,
+             announce: Optional[Callable[[str], None]] = None) -> tuple[Potential, dict[str, Any]]:
     """Fit a new ``arch`` Potential to energies and forces and save it to ``output``.
 
     Checkpoints every epoch to ``<output stem>.ckpt.pt`` (atomic), logs one JSON line per
     epoch to ``<output stem>.log.jsonl``, stops early when the validation force MAE has not
     improved for ``settings.patience`` epochs, and keeps the best model.
+
+    ``announce`` receives one line saying how the frames were split, before training starts.
 
     Returns the trained potential (best validation epoch) and the final report.
     """
@@ -222,6 +244,10 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     dtype = DTYPES[settings.dtype]
     if not isinstance(data, Dataset):
         data = load_dataset(data, units=units)
+    split = split.resolved(len(data), str(data.source))
+    if announce is not None:
+        announce(f"split: {split.n_train} training, {split.n_val} validation, {split.n_test} test frames "
+                 f"of {len(data)} (seed {split.seed})")
     train, val, test = split_dataset(data, split)
 
     torch.manual_seed(settings.seed)

@@ -182,3 +182,81 @@ def test_unloadable_python_force_raises_instead_of_crashing(pretrained_model, et
               "print('survived')")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "survived" not in result.stdout
+
+
+class _Steeper(torch.nn.Module):
+    """A real model made steeper: its energies (and so forces) scaled by ``factor``."""
+
+    def __init__(self, module: torch.nn.Module, factor: float) -> None:
+        super().__init__()
+        self.module, self.factor = module, factor
+
+    def forward(self, positions, numbers, cell=None):
+        energy, atomic = self.module(positions, numbers, cell)
+        return energy * self.factor, atomic * self.factor
+
+
+def test_a_failing_model_stops_the_users_simulation_instead_of_integrating_on_zero_forces(ethanol_model64, ethanol):
+    """Issue 12 row 3: in a user's own System the force raises, naming the replica and atom; only the replica
+    engine's 'freeze' mode gives an exploding replica zero forces (and flags it)."""
+    from openmm_bridge.forces import MAX_FORCE_EV_PER_A, ModelFailure
+
+    frames = ethanol.positions[[0, 1]]
+    steep = _Steeper(ethanol_model64.module, 1e6)
+    _, forces = _model_energy_forces(steep, frames, ethanol.numbers)
+    worst = np.linalg.norm(forces[1], axis=1)
+    assert worst.max() > MAX_FORCE_EV_PER_A  # the premise: replica 1 is beyond what a step can integrate
+    callback = ModelCallback(steep, ethanol.numbers, 2)
+    context = _context(callback, frames.reshape(-1, 3))
+    with pytest.raises(openmm.OpenMMException):
+        context.getState(getForces=True)
+    assert isinstance(callback.last_error, ModelFailure)
+    assert "replica 0" in str(callback.last_error) and "eV/Å" in str(callback.last_error)
+    with pytest.raises(ModelFailure, match=rf"force on atom {int(np.argmax(np.linalg.norm(forces[0], axis=1)))} is"):
+        callback.compute(frames.reshape(-1, 3) / 10.0)
+    # non-finite positions are named by atom before the model runs
+    broken = frames.copy()
+    broken[1, 4] = np.nan
+    with pytest.raises(ModelFailure, match=r"replica 1: non-finite positions .* atom\(s\) \[4\]"):
+        ModelCallback(ethanol_model64, ethanol.numbers, 2).compute(broken.reshape(-1, 3) / 10.0)
+    # the engine's mode: zero forces for the flagged replica, the other evaluated as before
+    frozen = ModelCallback(ethanol_model64, ethanol.numbers, 2, on_failure="freeze", remove_net_force=False)
+    energy, out = frozen.compute(broken.reshape(-1, 3) / 10.0)
+    assert frozen.nonfinite.tolist() == [False, True]
+    assert np.all(out.reshape(2, -1, 3)[1] == 0) and np.isfinite(energy)
+    with pytest.raises(ValueError, match="on_failure must be one of"):
+        ModelCallback(ethanol_model64, ethanol.numbers, on_failure="ignore")
+
+
+def test_load_system_runs_no_foreign_pickle_without_trust(pretrained_model, ethanol, tmp_path):
+    """Issue 12 row 14: a crafted PythonForce pickle is refused, naming what it would run, unless trust_pickle."""
+    system = openmm.System()
+    for _ in range(9):
+        system.addParticle(1.0)
+    system.addForce(make_force(ModelCallback(pretrained_model, ethanol.numbers)))
+    own = save_system(system, tmp_path / "own.xml")
+    assert load_system(own).getNumForces() == 1  # stable-md's own force needs no flag
+    xml = own.read_text()
+    payload = xml.split('function="')[1].split('"')[0]
+    marker = tmp_path / "ran"
+    crafted = pickle.dumps(_RunsShellCommand(f"touch {marker}"), protocol=4)
+    text = xml.replace(payload, crafted.hex())
+    (tmp_path / "crafted.xml").write_text(text)
+    with pytest.raises(ValueError, match=r"crafted.xml: PythonForce 1 is not a stable-md force.*system.*trust_pickle"):
+        load_system(tmp_path / "crafted.xml")
+    assert not marker.exists()
+    # The proof that the refusal matters: trusted, the same bytes run their command.
+    check_python_forces(text, trust_pickle=True)
+    assert marker.exists()
+
+
+class _RunsShellCommand:
+    """Pickles as a call of os.system: what a crafted System file could hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))

@@ -213,3 +213,27 @@ def test_a_damaged_checkpoint_is_named(tmp_path, ethanol_path, capsys):
         assert f"{checkpoint}: cannot read the pretrain checkpoint; it is damaged" in captured.err, (name, captured.err)
         assert "this must not run" not in captured.out and "Traceback" not in captured.err
     assert not model.exists()
+
+
+def test_split_defaults_adapt_to_the_file_and_are_announced(tmp_path, ethanol, capsys):
+    """Issue 12 row 16: a file under 1,100 frames once failed with the default 1000 + 100 split."""
+    from stable_md.pretrain import SplitSettings
+
+    assert SplitSettings().resolved(500) == SplitSettings(400, 50, 50, 0)
+    assert SplitSettings().resolved(5000) == SplitSettings(1000, 100, 1000, 0)
+    assert SplitSettings().resolved(1100) == SplitSettings(880, 100, 120, 0)
+    assert SplitSettings(n_train=10).resolved(500) == SplitSettings(10, 50, 440, 0)
+    small = ethanol.first(30).save_extxyz(tmp_path / "small.xyz")
+    model = tmp_path / "small.pt"
+    args = ["pretrain", "--data", str(small), "-o", str(model), "--epochs", "1", "--no-progress"] + \
+        sum((["--hyper", f"{k}={v}"] for k, v in FAST_SCHNET.items()), [])
+    assert main(args) == 0
+    assert "split: 24 training, 3 validation, 3 test frames of 30 (seed 0)" in capsys.readouterr().out
+    (entry,) = load_model(model).metadata["history"]
+    assert entry["split"] == {"n_train": 24, "n_val": 3, "n_test": 3, "seed": 0}
+    assert len(entry["train_indices"]) == 24 and len(entry["test_indices"]) == 3
+    one = ethanol.first(1).save_extxyz(tmp_path / "one.xyz")
+    assert main(args[:2] + [str(one), "-o", str(tmp_path / "one.pt")] + args[5:]) == 2
+    err = capsys.readouterr().err
+    assert "one.xyz: has 1 frame(s); pretraining needs at least 1 training and 1 validation frame" in err, err
+    assert not (tmp_path / "one.pt").exists()
