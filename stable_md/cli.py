@@ -635,7 +635,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         rdf_window=args.rdf_window, platform=args.platform)
     print(f"stable-md evaluate: {len(args.models)} model(s), {settings.n_replicas} replicas each from held-out frames "
           f"of {data.source}; {settings.integrator} at {settings.temperature:g} K for up to "
-          f"{settings.total_time / 1000:g} ps; {settings.criterion} criterion at {settings.threshold:g}")
+          f"{settings.total_time / 1000:g} ps; {settings.criterion} criterion at {settings.threshold:g} Å")
     report = evaluate(args.models, data, args.output, settings, labels=args.label, jobs=args.jobs,
                       overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     reweighting = report["reference"]["reweighting"]

@@ -41,7 +41,8 @@ from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.observables import (Observable, diffusion_coefficient, make_observable, mean_squared_displacement,
                                    reference_frames, velocity_autocorrelation)
-from stable_md.potentials.model_file import file_sha256, read_metadata, write_json
+from stable_md.potentials.base import check_finite_predictions
+from stable_md.potentials.model_file import file_sha256, load_model, read_metadata, write_json
 from stable_md.reweighting import temperature_weights
 from stable_md.stability import (EVALUATION_THRESHOLD, MIN_DISTANCE_THRESHOLD, RDF_MAE_THRESHOLD, BondGraph,
                                  BondLengthCriterion, MinDistanceCriterion, RDFCriterion, detect_bonds)
@@ -154,7 +155,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
             raise ValueError(f"{dataset.source} contains elements the model {model} was not trained on (atomic "
                              f"numbers {missing}; the model knows {sorted(meta['species'])})")
     directory = Path(output)
-    _prepare(directory, overwrite, resume)
+    earlier = _prepare(directory, overwrite, resume)
 
     held_out, overlap_note = _held_out_frames(dataset, metadata.values())
     cell = None if dataset.cells is None else dataset.cells[0]
@@ -186,12 +187,15 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     hashes = {model: file_sha256(model) for model in models}
     for model in models:
         warn_if_other_structures(metadata[model], dataset.numbers, dataset.periodic, model, dataset.source)
+        check_finite_predictions(load_model(model).module, starts, dataset.numbers, cell,
+                                 f"evaluate {model}: on the starting frames")
     finished = {}
     if resume:
         # all checked before the plan is rewritten, so a refused resume leaves the earlier evaluation as it was
         _check_same_plan(directory, plan, asdict(settings))
         finished = {label: _load_result(directory, label, settings, model, hashes[model])
                     for model, label in zip(models, labels)}
+    _clear(directory, earlier)
     write_json(directory / "plan.json", {"settings": asdict(settings), **plan})
     pending = [_ModelJob(model=model, model_sha256=hashes[model], label=label, settings=settings,
                          numbers=dataset.numbers, starts=starts, cell=cell, criterion=copy.deepcopy(criterion),
@@ -311,7 +315,9 @@ def _labels(models: list[str], labels: Optional[Sequence[str]]) -> list[str]:
     return chosen
 
 
-def _prepare(directory: Path, overwrite: bool, resume: bool) -> None:
+def _prepare(directory: Path, overwrite: bool, resume: bool) -> list[Path]:
+    """Check that ``directory`` may take this evaluation; return what an overwrite will clear (nothing is
+    touched here: every input is checked before the first write)."""
     ours = [directory / REPORT_NAME, directory / "plan.json", directory / MODELS_DIRECTORY]
     ours += sorted(directory.glob("*.png")) if directory.is_dir() else []
     existing = [p for p in ours if p.exists()]
@@ -320,12 +326,17 @@ def _prepare(directory: Path, overwrite: bool, resume: bool) -> None:
     if resume:
         if not (directory / MODELS_DIRECTORY).is_dir():
             raise FileNotFoundError(f"cannot resume: {directory} holds no earlier evaluation")
-        return
+        return []
     # An empty models/ (a start that failed before its first plan or result) counts as no evaluation.
     started = [p for p in existing if not p.is_dir() or any(p.glob("*.json"))]
     if started and not overwrite:
         raise FileExistsError(f"{directory} already holds an evaluation ({started[0].name}, ...); pass --overwrite "
                               f"to replace it or --resume to finish it")
+    return existing
+
+
+def _clear(directory: Path, existing: list[Path]) -> None:
+    """Remove an earlier evaluation's files (``_prepare``'s list) and make ``directory``/models."""
     for path in existing:
         if path.is_dir():
             for child in path.glob("*.json"):
@@ -436,7 +447,6 @@ def _evaluate_model(job: _ModelJob) -> str:
 
     limit_threads()
     from openmm_bridge.replicas import ReplicaSet
-    from stable_md.potentials import load_model
     from stable_md.pretrain import prediction_errors
 
     s = job.settings
@@ -457,7 +467,7 @@ def _evaluate_model(job: _ModelJob) -> str:
     unwrapped: list[np.ndarray] = []
     last_positions = [None]
 
-    def check(frames) -> None:
+    def check(frames, sample: bool = True) -> None:
         nonlocal observable_sum, observable_count
         positions = frames.positions
         running = frames.running.copy()
@@ -471,9 +481,10 @@ def _evaluate_model(job: _ModelJob) -> str:
             replicas.mark_unstable(broken, reasons)
         passing = running & ~replicas.unstable
         if passing.any():
-            values = observable(positions[passing], job.cell).numpy()
-            observable_sum += values.sum(axis=0)
-            observable_count += len(values)
+            if sample:
+                values = observable(positions[passing], job.cell).numpy()
+                observable_sum += values.sum(axis=0)
+                observable_count += len(values)
             samples_per_replica[passing] += 1
         if periodic:
             if last_positions[0] is None:
@@ -485,7 +496,9 @@ def _evaluate_model(job: _ModelJob) -> str:
                 unwrapped.append(unwrapped[-1] + step)
             last_positions[0] = positions[:, heavy].copy()
 
-    check(replicas.frames())
+    # The starts are data frames, not the model's: they are checked (and are the MSD's origin) but not sampled,
+    # so a model none of whose replicas passes a check after t = 0 gets no observable error.
+    check(replicas.frames(), sample=False)
     vacf = None
     velocities: list[np.ndarray] = []
     bar = _bar(job, s.n_steps)

@@ -36,6 +36,7 @@ from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gr
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
 from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, file_sha256,
                                             load_model, read_checkpoint, save_model, truncate_jsonl_log, write_json)
+from stable_md.potentials.base import check_finite_predictions
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
 from stable_md.stability import (MIN_DISTANCE_THRESHOLD, TRAINING_THRESHOLD, BondLengthCriterion,
                                  MinDistanceCriterion, detect_bonds)
@@ -294,6 +295,9 @@ class _Refinement:
         self.terms = self._terms()
         self.criterion = self._criterion()
         self.starts = self._starting_frames()
+        # a model that is NaN on its own starts would run no MD and write a NaN model
+        check_finite_predictions(self.model, self.starts, self.train.numbers, self.cell,
+                                 f"refine {self.model_file.path}: on the starting frames of {self.data.source}")
         self._build_optimizer()
         # only built when used: with qm_weight = 0 both inner weights may be 0, which the loss refuses
         self.qm_loss = (EnergyForceLoss(settings.energy_weight, settings.force_weight) if settings.qm_weight > 0

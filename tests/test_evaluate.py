@@ -170,3 +170,34 @@ def test_an_empty_models_directory_counts_as_no_evaluation(tmp_path):
     (directory / "models" / "a.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already holds an evaluation \\(models, ...\\); pass --overwrite"):
         _prepare(directory, overwrite=False, resume=False)
+
+
+def test_a_replica_failing_at_the_last_check_counts_and_no_passed_check_means_no_observable_error(
+        tmp_path, pretrained_model, ethanol):
+    """Issue 12 row 18: with one check in the run and every replica broken at it, evaluate once reported the
+    replicas as never failing ('>= 0.05 ps') and an h(r) error (from the start frames, which are data)."""
+    from stable_md.evaluation import TABLE_COLUMNS, table_rows
+
+    models = {}
+    for name, factor in (("inverted", -1.0), ("exploding", 1e5)):
+        loaded = load_model(pretrained_model)
+        with torch.no_grad():
+            # inverted: every bond minimum becomes a maximum, atoms fly apart at ordinary forces; exploding:
+            # forces far beyond what a step can integrate, caught by the engine's non-finite check
+            loaded.module.energy_scale.mul_(factor)
+        models[name] = save_model(loaded.module, tmp_path / f"{name}.pt", loaded.metadata)
+    settings = EvaluateSettings(**{**QUICK, "n_replicas": 4, "total_time": 50.0, "check_every": 100,
+                                   "vacf_window": 0})
+    report = evaluate([pretrained_model, models["inverted"], models["exploding"]], ethanol, tmp_path / "e", settings,
+                      labels=["fit", "inverted", "exploding"], progress=False)
+    fit, inverted, exploding = report["models"]
+    assert inverted["unstable"] == [True] * 4
+    assert inverted["stable_time_ps"] == [0.05] * 4  # found at the only check, at the end of the run
+    assert all("bond" in reason for reason in inverted["reasons"].values())
+    assert exploding["unstable"] == [True] * 4 and all(0 < t <= 0.05 for t in exploding["stable_time_ps"])
+    for broken in (inverted, exploding):
+        assert broken["observable"]["error"] is None and broken["observable"]["samples"] == 0
+    assert fit["observable"]["samples"] == 4 - fit["n_unstable"]  # only the check at 50 fs is sampled
+    rows = {row[0]: dict(zip(TABLE_COLUMNS, row)) for row in table_rows(report)}
+    assert rows["inverted"]["error"] == "n/a" and rows["inverted"]["unstable at end"] == "4/4"
+    assert rows["inverted"]["median stable (ps) [95% CI]"].startswith("0.05 ")

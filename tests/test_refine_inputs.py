@@ -214,3 +214,26 @@ def test_pretraining_resumes_from_another_directory(tmp_path, monkeypatch, ethan
     assert report["epochs"] == 3
     assert report["validation"] == whole["validation"]
     assert read_metadata(first / "m.pt")["history"][0]["data"] == str((first / "train.xyz").resolve())
+
+
+def test_a_model_that_returns_nan_is_refused_and_nothing_is_written(tmp_path, pretrained_model, ethanol_path, capsys):
+    """Issue 12 row 17: refine on a NaN model once exited 1 with nothing on stderr and wrote a NaN model file;
+    evaluate ran it. Both now stop with one line naming the model, before any output is made."""
+    from stable_md.potentials import load_model, save_model
+
+    loaded = load_model(pretrained_model)
+    with torch.no_grad():
+        next(loaded.module.parameters()).fill_(float("nan"))
+    broken = save_model(loaded.module, tmp_path / "nan.pt", loaded.metadata)
+    output = tmp_path / "nan.stable.pt"
+    assert main(["refine", str(broken), "--data", str(ethanol_path), "-o", str(output)] + QUICK) == 2
+    error = capsys.readouterr().err
+    assert f"refine {broken}: on the starting frames" in error and "non-finite (NaN or inf) energy or force on 8 of 8" \
+        in error and "Traceback" not in error, error
+    assert not output.exists() and not output.with_suffix(".refine").exists()
+    report = tmp_path / "eval"
+    assert main(["evaluate", str(pretrained_model), str(broken), "--data", str(ethanol_path), "-o", str(report),
+                 "--replicas", "4", "--time", "0.1ps", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert f"evaluate {broken}: on the starting frames" in error and "Traceback" not in error, error
+    assert not report.exists(), "a refused evaluation leaves no directory behind"

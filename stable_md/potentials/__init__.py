@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Sequence
 
-from stable_md.potentials.base import Potential, energy_and_forces, species_list
+from stable_md.potentials.base import Potential, check_finite_predictions, energy_and_forces, species_list
 from stable_md.potentials.hyperparameters import check_hyperparameters
 from stable_md.potentials.model_file import ModelFile, build_metadata, load_model, read_metadata, save_model
 
@@ -69,6 +69,7 @@ __all__ = [
     "build_potential",
     "default_hyperparameters",
     "energy_and_forces",
+    "check_finite_predictions",
     "load_model",
     "read_metadata",
     "save_model",

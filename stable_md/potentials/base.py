@@ -127,6 +127,33 @@ def energy_and_forces(
     return energy, -gradient
 
 
+def check_finite_predictions(model: nn.Module, positions, numbers, cell, where: str, batch_size: int = 64) -> None:
+    """Raise ``ValueError`` naming ``where`` and the first frames on which ``model`` returns a non-finite
+    energy or force: such a model cannot be simulated, refined or evaluated, and would otherwise fail
+    silently or write NaN parameters.
+
+    ``positions`` ``[F, N, 3]`` Å, ``numbers`` ``[N]``, ``cell`` one ``[3, 3]`` Å cell for all frames or
+    None; arrays or tensors, converted to the model's dtype.
+    """
+    parameter = next(model.parameters(), None)
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    positions = torch.as_tensor(positions, dtype=dtype)
+    numbers = torch.as_tensor(numbers, dtype=torch.int64)
+    cell = None if cell is None else torch.as_tensor(cell, dtype=dtype).reshape(3, 3)
+    bad: list[int] = []
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start:start + batch_size]
+        chunk_cell = None if cell is None else cell.expand(len(chunk), 3, 3)
+        energy, forces = energy_and_forces(model, chunk, numbers, chunk_cell)
+        finite = torch.isfinite(energy) & torch.isfinite(forces).flatten(1).all(dim=1)
+        bad += [start + int(k) for k in torch.nonzero(~finite).flatten()]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{where}: the model returns a non-finite (NaN or inf) energy or force on {len(bad)} of "
+                         f"{len(positions)} frames ({shown}); its parameters or the frames are broken, so it "
+                         f"cannot be run")
+
+
 def plain_execution():
     """Context that runs TorchScript models without the graph executor's optimisations.
 
