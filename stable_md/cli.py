@@ -26,6 +26,23 @@ def _add_run_options(p: argparse.ArgumentParser, overwrite_help: str, resume_hel
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _DeprecatedSpelling(argparse.Action):
+    """An old spelling of an option, still accepted with a note on stderr; hidden from --help."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.new} (same meaning and unit)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_deprecated_spelling(p: argparse.ArgumentParser, old: str, new: str, type) -> None:
+    dest = new.lstrip("-").replace("-", "_")
+    p.add_argument(old, dest=dest, type=type, action=_DeprecatedSpelling, new=new)
+
+
 def _add_energy_force_weights(p: argparse.ArgumentParser) -> None:
     """The energy/force loss weights, shared by pretrain and refine (refine's regularizer is the same loss)."""
     p.add_argument("--energy-weight", type=_non_negative_float, default=1.0,
@@ -198,14 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
     p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
                    help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
-    p.add_argument("--frame-interval", type=_positive_int, default=100,
-                   help="steps between trajectory frames, state-log rows and stability checks (default: 100)")
+    p.add_argument("--check-every", type=_positive_int, default=100,
+                   help="steps between stability checks, trajectory frames and state-log rows (default: 100)")
+    _add_deprecated_spelling(p, "--frame-interval", "--check-every", _positive_int)
     p.add_argument("--stability", choices=["bond", "none"], default="bond",
                    help="bond: stop a replica whose bond lengths deviate from the reference frames' by more "
-                        "than --bond-threshold (default); none: stop only on non-finite values")
-    p.add_argument("--bond-threshold", type=_positive_float, default=0.5,
+                        "than --threshold (default); none: stop only on non-finite values")
+    p.add_argument("--threshold", type=_positive_float, default=0.5,
                    help="largest bond-length deviation in Å before a replica counts as unstable (default: 0.5, "
                         "the paper's evaluation threshold)")
+    _add_deprecated_spelling(p, "--bond-threshold", "--threshold", _positive_float)
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise (default: 0)")
     p.add_argument("--mode", choices=["batched", "per-replica"], default="batched",
                    help="batched: all replicas in one Context, evaluated as one batch (default); "
@@ -534,8 +553,8 @@ def _simulate(args: argparse.Namespace) -> int:
         model=str(Path(args.model).resolve()), n_replicas=args.replicas, numbers=[int(z) for z in numbers],
         integrator=args.integrator, temperature=args.temperature, timestep=args.timestep, total_time=total_time,
         friction=args.friction, collision_frequency=args.collision_frequency, seed=args.seed,
-        frame_interval=args.frame_interval, mode=args.mode, backend=args.force, platform=args.platform,
-        periodic=cell is not None, stability=args.stability, bond_threshold=args.bond_threshold)
+        frame_interval=args.check_every, mode=args.mode, backend=args.force, platform=args.platform,
+        periodic=cell is not None, stability=args.stability, bond_threshold=args.threshold)
     print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
           f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
           f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {args.platform}")

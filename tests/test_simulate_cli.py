@@ -19,7 +19,7 @@ from stable_md.cli import main
 
 def _args(model, data, output, *extra):
     return ["simulate", str(model), "--data", str(data), "-o", str(output), "--replicas", "3",
-            "--temperature", "500", "--timestep", "0.5", "--time", "60fs", "--frame-interval", "20",
+            "--temperature", "500", "--timestep", "0.5", "--time", "60fs", "--check-every", "20",
             "--no-progress", *extra]
 
 

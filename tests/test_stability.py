@@ -61,7 +61,11 @@ def test_simulate_stops_replicas_that_break_a_bond(pretrained_model, ethanol_pat
     args = ["simulate", str(pretrained_model), "--data", str(ethanol_path), "-o", str(run), "--replicas", "2",
             "--time", "50fs", "--frame-interval", "10", "--no-progress", "--bond-threshold", "0.02"]
     assert main(args) == 0
-    assert "unstable replicas: 2 of 2" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "unstable replicas: 2 of 2" in printed.out
+    # the spellings of before 2026-12 still work (issue 12 row 19: one name per idea across commands)
+    assert "--frame-interval is deprecated; use --check-every" in printed.err
+    assert "--bond-threshold is deprecated; use --threshold" in printed.err
     summary = json.loads((run / "summary.json").read_text())
     assert not summary["completed"] and summary["n_unstable"] == 2
     for entry in summary["replicas"]:

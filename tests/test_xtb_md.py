@@ -187,6 +187,13 @@ def test_cli_writes_frames_and_names_bad_input(tmp_path, capsys):
     args = ["--smiles", "O", "-o", str(out), "--frames", "2", "--every", "2", "--equilibration", "4", "--quiet"]
     assert stable_md_main(["data", "xtb-md"] + args) == 0
     assert len(ase.io.read(out, ":")) == 2
+    # friction is 1/ps as in every command (issue 12 row 19): the default 10/ps is the 0.01/fs recorded before
+    assert ase.io.read(out, 0).info["md_friction_per_fs"] == 0.01
+    slow = tmp_path / "slow.extxyz"
+    assert stable_md_main(["data", "xtb-md", "--smiles", "O", "-o", str(slow), "--frames", "1", "--every", "2",
+                           "--equilibration", "0", "--quiet", "--friction", "0.01"]) == 0
+    assert "--friction 0.01 is in 1/ps (a coupling time of 100 ps)" in capsys.readouterr().err
+    assert ase.io.read(slow, 0).info["md_friction_per_fs"] == pytest.approx(1e-5)
     assert main(args + ["--no-resume"]) == 1
     assert str(out) in capsys.readouterr().err
     assert stable_md_main(["data", "xtb-md", "--smiles", "C1CC", "-o", str(tmp_path / "x.extxyz")]) == 2

@@ -35,6 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import inspect
 import io
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -432,7 +433,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=500, help="number of frames (default 500)")
     parser.add_argument("--every", type=int, default=20, help="MD steps between frames (default 20)")
     parser.add_argument("--timestep", type=float, default=0.5, help="time step in fs (default 0.5)")
-    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs (default 0.01)")
+    parser.add_argument("--friction", type=float, default=10.0,
+                        help="Langevin friction in 1/ps, as in every stable-md command (default 10, a coupling "
+                             "time of 100 fs; before 2026-12 this option was in 1/fs: 0.01/fs = 10/ps)")
     parser.add_argument("--equilibration", type=int, default=2000,
                         help="unstored equilibration steps (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -450,8 +453,13 @@ def run_from_arguments(args: argparse.Namespace) -> int:
     for name, low in (("frames", 1), ("every", 1), ("equilibration", 0), ("seed", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    if args.friction < 0:
-        raise ValueError(f"--friction must be >= 0, got {args.friction}")
+    if not (math.isfinite(args.friction) and args.friction >= 0):
+        raise ValueError(f"--friction must be a finite number >= 0 (1/ps), got {args.friction}")
+    if 0 < args.friction < 0.1:
+        # 0.01 was the documented value when the option was in 1/fs: say what it means now
+        print(f"stable-md data xtb-md: --friction {args.friction:g} is in 1/ps (a coupling time of "
+              f"{1 / args.friction:g} ps); the option was in 1/fs before 2026-12, where 0.01 meant 10/ps",
+              file=sys.stderr)
     if args.smiles is not None:
         try:
             atoms = molecule_from_smiles(args.smiles, seed=args.seed)
@@ -465,7 +473,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
         except Exception as exc:  # ase raises many types for unreadable files
             raise ValueError(f"--structure: cannot read {str(args.structure)!r}: {exc}") from exc
     run_xtb_md(atoms, args.output, temperature_K=args.temperature, n_frames=args.frames, every=args.every,
-               timestep_fs=args.timestep, friction_per_fs=args.friction, equilibration_steps=args.equilibration,
+               timestep_fs=args.timestep, friction_per_fs=args.friction / 1000.0, equilibration_steps=args.equilibration,
                seed=args.seed, method=args.method, progress=not args.quiet, resume=not args.no_resume)
     print(f"wrote {args.output}")
     return 0
