@@ -636,7 +636,8 @@ def _figures(report: dict, observable, directory: Path) -> list[Path]:
         paths.append(plots.observable_figure(np.asarray(report["reference_curve"]["x"]),
                                              np.asarray(report["reference_curve"]["values"]), curves,
                                              directory / f"{observable.name}.png", observable.x_label,
-                                             observable.y_label, title=f"stable part of the runs, {temperature:g} K"))
+                                             observable.y_label, title=f"stable part of the runs, {temperature:g} K",
+                                             panels=observable.panels(), categories=observable.categories))
     vacfs = {r["label"]: r["vacf"] for r in results if r.get("vacf")}
     if vacfs:
         paths.append(plots.vacf_figure(vacfs, directory / "vacf.png"))

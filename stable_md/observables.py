@@ -120,6 +120,13 @@ class Observable:
         """Settings that identify this observable (kept in logs and model metadata)."""
         return {"name": self.name}
 
+    def panels(self) -> list[tuple[str, np.ndarray]]:
+        """How a plot splits the vector: (title, entry indices) per panel; one untitled panel by default."""
+        return [("", np.arange(len(self.x)))]
+
+    #: names of the entries when they are categories (bond types), not points on an axis; None otherwise
+    categories: Optional[list[str]] = None
+
 
 class DistanceDistribution(Observable):
     """h(r): distribution of all interatomic distances, Gaussian-smeared (1/Å).
@@ -235,6 +242,10 @@ class ElementRDF(Observable):
         return {f"{a}-{b}": values[..., k * self.n_bins:(k + 1) * self.n_bins]
                 for k, (a, b) in enumerate(self.element_pairs)}
 
+    def panels(self) -> list[tuple[str, np.ndarray]]:
+        bins = len(self.centres)
+        return [("-".join(pair), np.arange(k * bins, (k + 1) * bins)) for k, pair in enumerate(self.element_pairs)]
+
     def describe(self) -> dict:
         return {"name": self.name, "pairs": ["-".join(p) for p in self.element_pairs], "r_max": self.r_max,
                 "n_bins": self.n_bins, "sigma": self.sigma}
@@ -246,8 +257,8 @@ class BondLengths(Observable):
     Bond types are element pairs such as ``C-H``; :attr:`labels` names the entries.
     """
 
-    x_label = "bond"
-    y_label = "length (Å)"
+    x_label = "bond type"
+    y_label = "bond length (Å)"
 
     def __init__(self, bonds: BondGraph, per_type: bool = False) -> None:
         if len(bonds.pairs) == 0:
@@ -264,6 +275,9 @@ class BondLengths(Observable):
             self.labels = [bonds.describe(k) for k in range(len(bonds.pairs))]
             self._average = None
         self.x = np.arange(len(self.labels))
+        self.categories = list(self.labels)
+        if not per_type:
+            self.x_label = "bond"
 
     def __call__(self, positions, cell=None) -> Tensor:
         frames = _as_frames(positions)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -62,30 +63,78 @@ def unstable_fraction_figure(history: Sequence[dict], path: Path) -> Path:
 
 
 def observable_figure(x: np.ndarray, reference: np.ndarray, curves: dict[str, np.ndarray], path: Path,
-                      x_label: str, y_label: str, title: Optional[str] = None) -> Path:
-    """Reference vs model curves (top) and their differences from the reference (bottom)."""
+                      x_label: str, y_label: str, title: Optional[str] = None,
+                      panels: Optional[Sequence[tuple[str, np.ndarray]]] = None,
+                      categories: Optional[Sequence[str]] = None) -> Path:
+    """Reference vs model curves (top) and their differences from the reference (bottom), saved to ``path``.
+
+    ``panels`` splits the vector into titled panels side by side (an element RDF: one per pair);
+    ``categories`` names entries that are categories (bond types): drawn as markers at named ticks, not
+    as a line along an axis.
+    """
     plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[2, 1])
-    x = np.asarray(x)
-    top.plot(x, reference, color="black", lw=1.5, label="reference (data)")
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (label, values) in enumerate(curves.items()):
-        values = np.asarray(values)
-        top.plot(x, values, lw=1.2, color=colours[k % len(colours)], label=label)
-        bottom.plot(x, values - reference, lw=1.0, color=colours[k % len(colours)])
-    bottom.axhline(0.0, color="black", lw=0.8)
-    # Crop the empty tail (h(r) of a small molecule ends well before 10 Å).
-    filled = np.flatnonzero(np.max(np.abs([np.asarray(reference)] + [np.asarray(v) for v in curves.values()]), axis=0)
-                            > 1e-3 * np.max(np.abs(reference)))
-    if len(filled) and len(x) > 1:
-        top.set_xlim(x[0], min(x[-1], x[filled[-1]] + 0.05 * (x[-1] - x[0])))
-    top.set_ylabel(y_label)
-    bottom.set_ylabel("difference")
-    bottom.set_xlabel(x_label)
-    top.legend(frameon=False)
+    figure = build_observable_figure(x, reference, curves, x_label, y_label, title, panels, categories)
+    return _save(plt, figure, path)
+
+
+def build_observable_figure(x: np.ndarray, reference: np.ndarray, curves: dict[str, np.ndarray], x_label: str,
+                            y_label: str, title: Optional[str] = None,
+                            panels: Optional[Sequence[tuple[str, np.ndarray]]] = None,
+                            categories: Optional[Sequence[str]] = None):
+    """The matplotlib figure of :func:`observable_figure`, unsaved."""
+    plt = _pyplot()
+    panels = list(panels) if panels else [("", np.arange(len(reference)))]
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(4.2 * columns if columns > 1 else 7, 5.5 * rows),
+                             squeeze=False, height_ratios=[2, 1] * rows)
+    x, reference = np.asarray(x), np.asarray(reference)
+    colours = _colours(plt)
+    every = [reference] + [np.asarray(v) for v in curves.values()]
+    for k, (name, index) in enumerate(panels):
+        top, bottom = axes[2 * (k // columns), k % columns], axes[2 * (k // columns) + 1, k % columns]
+        bottom.sharex(top)
+        index = np.asarray(index)
+        if categories is not None:
+            style = dict(linestyle="none", marker="o", markersize=5)
+            where = np.arange(len(index))
+            top.plot(where, reference[index], color="black", linestyle="none", marker="_", markersize=16,
+                     markeredgewidth=2, label="reference (data)")
+        else:
+            style = dict(lw=1.2)
+            where = x[index]
+            top.plot(where, reference[index], color="black", lw=1.5, label="reference (data)")
+        for j, (label, values) in enumerate(curves.items()):
+            values = np.asarray(values)[index]
+            top.plot(where, values, color=colours[j % len(colours)], label=label, **style)
+            bottom.plot(where, values - reference[index], color=colours[j % len(colours)], **style)
+        bottom.axhline(0.0, color="black", lw=0.8)
+        if categories is not None:
+            bottom.set_xticks(where, [categories[i] for i in index], rotation=45 if len(index) > 6 else 0,
+                              ha="right" if len(index) > 6 else "center")
+            top.tick_params(labelbottom=False)
+            top.set_xlim(-0.5, len(index) - 0.5)
+        elif len(where) > 1:
+            # Crop the empty tail (h(r) of a small molecule ends well before 10 Å).
+            scale = np.max(np.abs(reference[index])) or 1.0
+            filled = np.flatnonzero(np.max(np.abs([v[index] for v in every]), axis=0) > 1e-3 * scale)
+            if len(filled):
+                top.set_xlim(where[0], min(where[-1], where[filled[-1]] + 0.05 * (where[-1] - where[0])))
+        if name:
+            top.set_title(name)
+        if k % columns == 0:
+            top.set_ylabel(y_label)
+            unit = re.search(r" (\([^()]*\))$", y_label)
+            bottom.set_ylabel("difference" + (f" {unit.group(1)}" if unit else ""))
+        bottom.set_xlabel(x_label)
+        if k == 0:
+            top.legend(frameon=False, fontsize="small" if len(panels) > 1 else None)
+    for k in range(len(panels), rows * columns):  # unused cells of the last row
+        axes[2 * (k // columns), k % columns].set_visible(False)
+        axes[2 * (k // columns) + 1, k % columns].set_visible(False)
     if title:
-        top.set_title(title)
-    return _save(plt, fig, path)
+        fig.suptitle(title)
+    return fig
 
 
 def refine_figures(history: Sequence[dict], terms, first_means: Optional[dict], last_means: Optional[dict],
@@ -103,7 +152,8 @@ def refine_figures(history: Sequence[dict], terms, first_means: Optional[dict], 
             curves = {"samples, first epoch": np.asarray(first_means[name]),
                       "samples, last epoch": np.asarray(last_means[name])}
             paths.append(observable_figure(x, term.reference.numpy(), curves, Path(directory) / f"{name}.png",
-                                           term.observable.x_label, term.observable.y_label or name))
+                                           term.observable.x_label, term.observable.y_label or name,
+                                           panels=term.observable.panels(), categories=term.observable.categories))
     return paths
 
 

@@ -127,3 +127,33 @@ def test_msd_and_diffusion_of_a_random_walk():
     # MSD = 3σ² lag = 6 D t  ->  D = σ² / (2 dt); dt = 10 fs
     expected = sigma ** 2 / (2 * 10.0) * 1e-5
     assert diffusion_coefficient(msd, frame_interval_fs=10.0) == pytest.approx(expected, rel=0.05)
+
+
+def test_figures_name_element_pairs_and_bond_types(ethanol):
+    """Issue 12 row 20: rdf.png drew every element pair in one colour, end to end, with no legend; bond-types.png
+    joined categories by lines over a numeric axis with no bond names."""
+    from stable_md.observables import make_observable
+    from stable_md.plots import build_observable_figure
+
+    positions, numbers = two_waters(2.5)
+    rdf = ElementRDF(numbers, r_max=3.0, n_bins=30)
+    reference = rdf(positions, 7.0 * np.eye(3))[0].numpy()
+    figure = build_observable_figure(rdf.x, reference, {"model": 1.1 * reference}, rdf.x_label, rdf.y_label,
+                                     panels=rdf.panels(), categories=rdf.categories)
+    tops = [axes for axes in figure.axes if axes.get_title()]
+    assert [axes.get_title() for axes in tops] == ["O-O", "O-H", "H-H"]
+    for axes in tops:  # each pair on its own r axis, 0-3 Å, not the three RDFs laid end to end
+        for line in axes.get_lines():
+            assert 0 < line.get_xdata().min() and line.get_xdata().max() < 3.0
+    assert [text.get_text() for text in tops[0].get_legend().get_texts()] == ["reference (data)", "model"]
+    assert all(axes.get_xlabel() == "r (Å)" for axes in figure.axes if axes.get_xlabel())
+
+    types = make_observable("bond-types", ethanol)
+    reference = types.reference(ethanol).numpy()
+    figure = build_observable_figure(types.x, reference, {"model": reference + 0.01}, types.x_label, types.y_label,
+                                     panels=types.panels(), categories=types.categories)
+    top, bottom = figure.axes
+    assert [label.get_text() for label in bottom.get_xticklabels()] == ["C-C", "C-H", "C-O", "H-O"]
+    assert all(line.get_linestyle() == "None" for line in top.get_lines())  # markers, no lines between categories
+    assert (top.get_ylabel(), bottom.get_ylabel(), bottom.get_xlabel()) == \
+        ("bond length (Å)", "difference (Å)", "bond type")
