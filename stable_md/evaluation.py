@@ -154,6 +154,9 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
         if missing:
             raise ValueError(f"{dataset.source} contains elements the model {model} was not trained on (atomic "
                              f"numbers {missing}; the model knows {sorted(meta['species'])})")
+    from openmm_bridge.engines import make_platform
+
+    make_platform(settings.platform)  # an unavailable platform is named before anything is written
     directory = Path(output)
     earlier = _prepare(directory, overwrite, resume)
 

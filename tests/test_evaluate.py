@@ -150,6 +150,15 @@ def test_cli_evaluate_prints_the_table_and_names_bad_input(tmp_path, pretrained_
     assert "1 models but 2 labels" in capsys.readouterr().err
     assert main(args[:4] + ["-o", str(tmp_path / "y"), "--criterion", "rdf"]) == 2
     assert "periodic box" in capsys.readouterr().err
+    # an OpenMM platform this machine lacks is named before the output directory is made (issue 12 row 11)
+    import openmm
+
+    present = {openmm.Platform.getPlatform(k).getName() for k in range(openmm.Platform.getNumPlatforms())}
+    absent = [name for name in ("CUDA", "OpenCL") if name not in present]
+    if absent:
+        assert main(args[:4] + ["-o", str(tmp_path / "z"), "--platform", absent[0]]) == 2
+        assert f"OpenMM platform '{absent[0]}' is not available here" in capsys.readouterr().err
+        assert not (tmp_path / "z").exists()
 
 
 def test_evaluate_refuses_elements_the_model_does_not_know(tmp_path, pretrained_model, ethanol):
