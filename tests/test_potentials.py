@@ -247,16 +247,17 @@ def test_info_prints_the_metadata_and_names_a_missing_field(pretrained_model, tm
     assert main(["info", str(pretrained_model)]) == 0
     out = capsys.readouterr().out
     assert "architecture  schnet" in out and "species       [1, 6, 8]" in out and "history: pretrain on" in out
-    # the same archive with 'species' removed from its metadata
-    damaged = tmp_path / "no_species.pt"
-    with zipfile.ZipFile(pretrained_model) as source, zipfile.ZipFile(damaged, "w") as target:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename.endswith("extra/stable_md.json"):
-                metadata = json.loads(data)
-                del metadata["species"]
-                data = json.dumps(metadata).encode()
-            target.writestr(item, data)
-    assert main(["info", str(damaged)]) == 2
-    err = capsys.readouterr().err
-    assert f"{damaged}: its stable_md.json lacks the field 'species' (expected arch, species, cutoff)" in err, err
+    # the same archive with one required field removed from its metadata
+    for field in ("arch", "species", "cutoff"):
+        damaged = tmp_path / f"no_{field}.pt"
+        with zipfile.ZipFile(pretrained_model) as source, zipfile.ZipFile(damaged, "w") as target:
+            for item in source.infolist():
+                data = source.read(item.filename)
+                if item.filename.endswith("extra/stable_md.json"):
+                    metadata = json.loads(data)
+                    del metadata[field]
+                    data = json.dumps(metadata).encode()
+                target.writestr(item, data)
+        assert main(["info", str(damaged)]) == 2
+        err = capsys.readouterr().err
+        assert f"{damaged}: its stable_md.json lacks the field '{field}' (expected arch, species, cutoff)" in err, err

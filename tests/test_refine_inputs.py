@@ -237,3 +237,37 @@ def test_a_model_that_returns_nan_is_refused_and_nothing_is_written(tmp_path, pr
     error = capsys.readouterr().err
     assert f"evaluate {broken}: on the starting frames" in error and "Traceback" not in error, error
     assert not report.exists(), "a refused evaluation leaves no directory behind"
+
+
+def test_resume_refuses_other_bytes_under_the_same_path_and_a_damaged_checkpoint(tmp_path, pretrained_model,
+                                                                                 ethanol_path, capsys):
+    """Issue 12 rows 4 and 8: a model file replaced in place (same path, other bytes) is refused on refine and
+    evaluate --resume, naming why; a truncated refine checkpoint is named as damaged, with no traceback."""
+    from stable_md.potentials import load_model, save_model
+
+    model = tmp_path / "model.pt"
+    shutil.copyfile(pretrained_model, model)
+    output = tmp_path / "model.stable.pt"
+    refine_args = ["refine", str(model), "--data", str(ethanol_path), "-o", str(output)] + QUICK
+    first = list(refine_args)
+    first[first.index("--max-epochs") + 1] = "1"  # a run whose budget a resume extends
+    assert main(first) == 0
+    evaluate_args = ["evaluate", str(model), "--data", str(ethanol_path), "-o", str(tmp_path / "eval"), "--replicas",
+                     "2", "--time", "0.05ps", "--error-frames", "10", "--no-progress"]
+    assert main(evaluate_args) == 0
+    capsys.readouterr()
+    other = load_model(model)
+    with torch.no_grad():
+        next(other.module.parameters()).add_(0.01)
+    save_model(other.module, model, other.metadata, overwrite=True)  # other bytes, the same path
+    assert main(refine_args + ["--resume"]) == 2
+    assert "settings differ from the original run (model (other file contents)" in capsys.readouterr().err
+    assert main(evaluate_args + ["--resume"]) == 2
+    assert "was made from another model file" in capsys.readouterr().err
+
+    shutil.copyfile(pretrained_model, model)  # the original bytes again: the resume goes on
+    checkpoint = output.with_suffix(".refine") / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    assert main(refine_args + ["--resume"]) == 2
+    error = capsys.readouterr().err
+    assert f"{checkpoint}: cannot read the refine checkpoint; it is damaged" in error and "Traceback" not in error
