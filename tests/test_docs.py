@@ -54,3 +54,16 @@ def test_readme_opens_with_the_two_setup_commands():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"```\n(.*?)```", readme, re.S).group(1)
     assert [line.split()[0:2] for line in block.strip().splitlines()] == [["make", "demo"], ["make", "test"]]
+
+
+def test_every_test_named_in_the_reliability_table_exists():
+    """docs/reliability.md lists bad inputs with the test that checks each; a renamed or removed test must not
+    leave the table pointing at nothing."""
+    text = (REPO / "docs" / "reliability.md").read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 40
+    named = re.findall(r"`(\w+\.py)::(\w+)`", text)
+    assert all(re.search(r"`\w+\.py::\w+`", row) for row in rows), "every row names its test"
+    for file, name in set(named):
+        source = (REPO / "tests" / file).read_text()
+        assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{file}::{name} does not exist"
