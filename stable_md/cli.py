@@ -407,7 +407,10 @@ def _add_data_parser(commands) -> None:
     w = kinds.add_parser("water", help="flexible SPC/Fw water box in OpenMM, frames to extended XYZ",
                          description="N flexible SPC/Fw water molecules (Wu, Tepper & Voth 2006) at constant "
                                      "volume in OpenMM (PME, Langevin), labelled with OpenMM energies (eV) and "
-                                     "forces (eV/Å). Resumes an existing output file.")
+                                     "forces (eV/Å). Resumes an existing output file. The OpenMM state stays "
+                                     "beside it as OUTPUT.checkpoint.npz (positions, velocities, noise state: 8 kB for "
+                                     "32 molecules): a later run with a larger --frames continues the same trajectory "
+                                     "from it. Delete it once the data set is final.")
     w.add_argument("-o", "--output", required=True, help="extended XYZ file to write")
     w.add_argument("--molecules", type=_positive_int, default=64, help="water molecules (default: 64)")
     w.add_argument("--density", type=_positive_float, default=0.997, help="g/cm³ (default: 0.997)")
