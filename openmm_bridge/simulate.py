@@ -23,7 +23,7 @@ from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, Tr
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
 from stable_md.potentials.model_file import atomic_write, file_sha256, read_checkpoint, read_metadata, write_json
-from stable_md.stability import EVALUATION_THRESHOLD, BondLengthCriterion, detect_bonds
+from stable_md.stability import CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.units import PS_IN_FS
 
 SETTINGS_NAME = "settings.json"
@@ -56,7 +56,7 @@ class SimulationSettings:
     platform: str = "CPU"
     periodic: bool = False
     stability: str = "bond"
-    bond_threshold: float = EVALUATION_THRESHOLD
+    bond_threshold: float = default_threshold("bond")
 
     @property
     def n_steps(self) -> int:
@@ -110,8 +110,8 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
     criterion = None
     if settings.stability == "bond":
         reference = starts if reference_positions is None else reference_positions
-        criterion = BondLengthCriterion(detect_bonds(np.asarray(settings.numbers), reference, cell),
-                                        settings.bond_threshold, cell)
+        criterion = make_criterion("bond", CriterionInputs(detect_bonds(np.asarray(settings.numbers), reference, cell),
+                                                           cell), settings.bond_threshold)
     metadata = read_metadata(settings.model)
     check_cell_fits_cutoff(cell, metadata["cutoff"], f"simulate {settings.model}")
     warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model, "the starting structures")
@@ -152,7 +152,7 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
         if criterion is not None:
             broken = np.flatnonzero(criterion(frames.positions) & frames.running)
             if len(broken):
-                reasons = criterion.reasons(frames.positions[broken])
+                reasons = criterion.reasons(frames.positions, broken)
                 replicas.mark_unstable(broken, reasons)
         state_log.write(frames, _status(replicas))
         measured = np.isfinite(frames.temperature)

@@ -43,6 +43,19 @@ def _add_deprecated_spelling(p: argparse.ArgumentParser, old: str, new: str, typ
     p.add_argument(old, dest=dest, type=type, action=_DeprecatedSpelling, new=new)
 
 
+def _add_criterion_options(p: argparse.ArgumentParser, purpose: str, what: str) -> None:
+    """--criterion and --threshold from the criterion registry, with each criterion's default for ``purpose``."""
+    from stable_md.stability import CRITERIA, criterion_names, default_threshold
+
+    names = criterion_names(purpose)
+    described = "; ".join(f"{name}: {CRITERIA[name].description}" for name in names)
+    p.add_argument("--criterion", choices=names, default="bond", help=f"{what}: {described} (default: bond)")
+    defaults = ", ".join(f"{default_threshold(name, purpose):g}{' ' + CRITERIA[name].unit if CRITERIA[name].unit else ''}"
+                         f" for {name}" for name in names)
+    p.add_argument("--threshold", type=_positive_float, default=None,
+                   help=f"criterion threshold (default: {defaults})")
+
+
 def _add_energy_force_weights(p: argparse.ArgumentParser) -> None:
     """The energy/force loss weights, shared by pretrain and refine (refine's regularizer is the same loss)."""
     p.add_argument("--energy-weight", type=_non_negative_float, default=1.0,
@@ -273,11 +286,7 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--obs-share", type=_fraction, default=0.3,
                    help="with --obs-weight auto: the least share of each learning step's gradient norm the "
                         "observables hold (default: 0.3)")
-    p.add_argument("--criterion", choices=["bond", "imd"], default="bond",
-                   help="instability criterion: bond (bond-length deviation, molecules) or imd (minimum "
-                        "intermolecular distance, liquids); default: bond")
-    p.add_argument("--threshold", type=_positive_float, default=None,
-                   help="criterion threshold in Å (default: 0.25 for bond, 1.2 for imd)")
+    _add_criterion_options(p, "training", "instability criterion")
     p.add_argument("--replicas", type=_positive_int, default=32, help="parallel replicas R (default: 32)")
     p.add_argument("--temperature", type=_positive_float, default=500.0, help="K (default: 500)")
     p.add_argument("--timestep", type=_positive_float, default=0.5, help="fs (default: 0.5)")
@@ -369,11 +378,7 @@ def _add_evaluate_parser(commands) -> None:
     p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
                    help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
     p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
-    p.add_argument("--criterion", choices=["bond", "rdf", "imd"], default="bond",
-                   help="bond: bond-length deviation (molecules, default); rdf: RDF error over a window "
-                        "(liquids); imd: minimum intermolecular distance")
-    p.add_argument("--threshold", type=_positive_float, default=None,
-                   help="criterion threshold (default: 0.5 Å for bond, 3.0 for rdf, 1.2 Å for imd)")
+    _add_criterion_options(p, "evaluation", "stability criterion")
     p.add_argument("--check-every", type=_positive_int, default=100,
                    help="steps between stability checks and observable samples (default: 100)")
     p.add_argument("--rdf-window", type=_positive_int, default=20,

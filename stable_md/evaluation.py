@@ -44,16 +44,14 @@ from stable_md.observables import (Observable, diffusion_coefficient, make_obser
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.potentials.model_file import file_sha256, load_model, read_metadata, write_json
 from stable_md.reweighting import temperature_weights
-from stable_md.stability import (EVALUATION_THRESHOLD, MIN_DISTANCE_THRESHOLD, RDF_MAE_THRESHOLD, BondGraph,
-                                 BondLengthCriterion, MinDistanceCriterion, RDFCriterion, detect_bonds)
+from stable_md.stability import (BondGraph, Criterion, CriterionInputs, criterion_names, default_threshold,
+                                 detect_bonds, make_criterion)
 from stable_md.structures import spread_indices
 from stable_md.survival import compare, summarize
 
 REPORT_NAME = "evaluation.json"
 MODELS_DIRECTORY = "models"
-CRITERIA = ("bond", "rdf", "imd")
 OBSERVABLES = ("hr", "rdf")
-DEFAULT_THRESHOLDS = {"bond": EVALUATION_THRESHOLD, "rdf": RDF_MAE_THRESHOLD, "imd": MIN_DISTANCE_THRESHOLD}
 # Settings that must agree between a model result on disk and a resumed evaluation.
 _RESUME_KEYS = ("n_replicas", "temperature", "timestep", "total_time", "integrator", "collision_frequency",
                 "friction", "criterion", "threshold", "check_every", "observable", "seed", "rdf_window",
@@ -85,10 +83,10 @@ class EvaluateSettings:
     def __post_init__(self) -> None:
         if self.observable not in OBSERVABLES:
             raise ValueError(f"evaluate compares the observables {list(OBSERVABLES)}, got {self.observable!r}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of {list(CRITERIA)}")
         if self.threshold is None:
-            self.threshold = DEFAULT_THRESHOLDS[self.criterion]
+            self.threshold = default_threshold(self.criterion)  # names the criteria when it is unknown
+        if self.criterion not in criterion_names():
+            raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of {criterion_names()}")
         if self.integrator not in ("nose-hoover", "langevin", "verlet"):
             raise ValueError(f"unknown integrator {self.integrator!r}; expected nose-hoover, langevin or verlet")
         for name in ("n_replicas", "check_every", "error_frames", "rdf_window"):
@@ -400,27 +398,21 @@ def _held_out_frames(data: Dataset, metadata: Sequence[dict]) -> tuple[np.ndarra
 
 
 def _criterion(settings: EvaluateSettings, bonds: BondGraph, cell: Optional[np.ndarray], data: Dataset,
-               weights: Optional[np.ndarray]):
+               weights: Optional[np.ndarray]) -> Criterion:
     """The stability criterion; the rdf one compares with the data's (optionally reweighted) RDFs."""
-    if settings.criterion == "bond":
-        return BondLengthCriterion(bonds, settings.threshold, cell)
-    if settings.criterion == "imd":
-        return MinDistanceCriterion(bonds, settings.threshold, cell)
-    if cell is None:
-        raise ValueError("--criterion rdf needs a periodic box; use --criterion bond for molecules")
-    rdf = make_observable("rdf", data)
-    return RDFCriterion(rdf, rdf.reference(data, weights).numpy(), cell, settings.rdf_window, settings.threshold)
+    inputs = CriterionInputs(bonds=bonds, cell=cell, data=data, weights=weights, window=settings.rdf_window)
+    return make_criterion(settings.criterion, inputs, settings.threshold)
 
 
 def _starting_frames(data: Dataset, held_out: np.ndarray, settings: EvaluateSettings, criterion
                      ) -> tuple[np.ndarray, np.ndarray]:
     """R held-out frames spread over the set, skipping frames that already fail the bond or imd criterion."""
     candidates = held_out
-    if settings.criterion in ("bond", "imd"):  # the rdf criterion judges a window of frames, not one
+    if not criterion.windowed:  # a windowed criterion (rdf) judges consecutive checks, not one frame
         candidates = held_out[~criterion(data.positions[held_out])]
         if len(candidates) == 0:
             raise ValueError(f"every held-out frame of {data.source} already fails the {settings.criterion} criterion "
-                             f"at {settings.threshold:g} Å; raise --threshold")
+                             f"at {settings.threshold:g} {criterion.unit}; raise --threshold")
     chosen = candidates[spread_indices(len(candidates), settings.n_replicas)]
     if data.cells is not None and not np.allclose(data.cells[chosen], data.cells[0], atol=1e-6):
         raise ValueError(f"{data.source}: the frames have different boxes; evaluation runs at constant volume")
@@ -476,12 +468,7 @@ def _evaluate_model(job: _ModelJob) -> str:
         running = frames.running.copy()
         broken = np.flatnonzero(criterion(positions) & running)
         if len(broken):
-            if isinstance(criterion, RDFCriterion):  # its reasons cover every replica of the recorded window
-                every_reason = criterion.reasons(positions)
-                reasons = [every_reason[r] for r in broken]
-            else:
-                reasons = criterion.reasons(positions[broken])
-            replicas.mark_unstable(broken, reasons)
+            replicas.mark_unstable(broken, criterion.reasons(positions, broken))
         passing = running & ~replicas.unstable
         if passing.any():
             if sample:

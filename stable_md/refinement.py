@@ -38,15 +38,13 @@ from stable_md.potentials.model_file import (ModelFile, json_default, atomic_wri
                                             load_model, read_checkpoint, save_model, truncate_jsonl_log, write_json)
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
-from stable_md.stability import (MIN_DISTANCE_THRESHOLD, TRAINING_THRESHOLD, BondLengthCriterion,
-                                 MinDistanceCriterion, detect_bonds)
+from stable_md.stability import CriterionInputs, criterion_names, default_threshold, detect_bonds, make_criterion
 from stable_md.structures import spread_indices
 
 LOG_NAME = "log.jsonl"
 CHECKPOINT_NAME = "checkpoint.pt"
 SETTINGS_NAME = "settings.json"
 SUMMARY_NAME = "summary.json"
-CRITERIA = ("bond", "imd")
 BUDGETS = ("cycles", "epochs", "wall time", "simulation time")
 OPTIMIZERS = ("sgd", "adam")
 # Settings a resumed run must share with the original (budgets may change).
@@ -157,10 +155,11 @@ class RefineSettings:
             raise ValueError(f"observable weights must be >= 0, got {self.observable_weights}")
         if not 0 < self.observable_share < 1:
             raise ValueError(f"observable_share must lie in (0, 1), got {self.observable_share}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of {list(CRITERIA)}")
         if self.threshold is None:
-            self.threshold = TRAINING_THRESHOLD if self.criterion == "bond" else MIN_DISTANCE_THRESHOLD
+            self.threshold = default_threshold(self.criterion, "training")  # names the criteria when unknown
+        if self.criterion not in criterion_names("training"):
+            raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of "
+                             f"{criterion_names('training')}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {list(OPTIMIZERS)}")
         if self.train_frames not in ("auto", "pretrain", "all"):
@@ -394,9 +393,8 @@ class _Refinement:
         return terms
 
     def _criterion(self):
-        if self.settings.criterion == "bond":
-            return BondLengthCriterion(self.bonds, self.settings.threshold, self.cell)
-        return MinDistanceCriterion(self.bonds, self.settings.threshold, self.cell)
+        return make_criterion(self.settings.criterion, CriterionInputs(self.bonds, self.cell), self.settings.threshold,
+                              "training")
 
     def _starting_frames(self) -> np.ndarray:
         """R training frames spread over the set, skipping frames the criterion already rejects."""
@@ -535,7 +533,7 @@ class _Refinement:
             if since_start % s.check_every == 0:
                 broken = np.flatnonzero(self.criterion(frames.positions) & frames.running)
                 if len(broken):
-                    replicas.mark_unstable(broken, self.criterion.reasons(frames.positions[broken]))
+                    replicas.mark_unstable(broken, self.criterion.reasons(frames.positions, broken))
                 if not self.state["first_check_done"]:
                     self.state["first_check_done"] = True
                     if replicas.unstable.all():

@@ -4,8 +4,12 @@
 - :class:`MinDistanceCriterion`: atoms of different molecules closer than 1.2 Å (liquids, training);
 - :class:`RDFCriterion`: the RDF averaged over a time window drifts from the reference (liquids, evaluation).
 
-Every criterion is called with positions ``[R, N, 3]`` (Å) and answers ``[R]`` bool
-(unstable), and ``reasons(positions)`` gives one message per replica.
+Every criterion is a :class:`Criterion`: called with positions ``[R, N, 3]`` (Å) it answers
+``[R]`` bool (unstable), and ``reasons(positions, replicas)`` gives one message per replica
+asked about. Criteria register themselves by ``name`` in :data:`CRITERIA`, as ASE's
+calculators are looked up by name: a new criterion is one subclass that declares its name,
+thresholds and unit and implements ``build``, ``__call__`` and ``reasons``; refine, evaluate,
+simulate and the CLI find it through :func:`make_criterion` and :func:`criterion_names`.
 
 Bonds are detected once, on reference frames: atoms i and j are bonded when their mean
 distance over the frames is below ``factor`` times the sum of their covalent radii
@@ -18,7 +22,7 @@ unstable when any bond deviates from its reference length by more than a thresho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 from ase.data import chemical_symbols, covalent_radii
@@ -28,6 +32,96 @@ EVALUATION_THRESHOLD = 0.5
 TRAINING_THRESHOLD = 0.25
 MIN_DISTANCE_THRESHOLD = 1.2
 RDF_MAE_THRESHOLD = 3.0
+
+
+@dataclass
+class CriterionInputs:
+    """What a criterion may be built from: the bond graph of the reference frames, the periodic cell (Å,
+    None for molecules) and, for criteria that compare with the data (rdf), the data set, its optional
+    Boltzmann weights and the number of consecutive checks averaged (``window``)."""
+
+    bonds: "BondGraph"
+    cell: Optional[np.ndarray] = None
+    data: Any = None
+    weights: Optional[np.ndarray] = None
+    window: int = 20
+
+
+CRITERIA: dict[str, type["Criterion"]] = {}
+
+
+class Criterion:
+    """Base class of instability criteria; subclasses register themselves under ``name``.
+
+    Class attributes: ``description``; ``unit`` of the threshold; ``evaluation_threshold`` (the paper's
+    evaluation value) and ``training_threshold`` (used by refine; None: not a training criterion);
+    ``windowed``: the verdict depends on a window of consecutive checks, so single frames cannot be
+    screened and :meth:`reset` must follow a rewind; ``needs_box``: only for periodic boxes.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    unit: ClassVar[str] = "Å"
+    evaluation_threshold: ClassVar[float]
+    training_threshold: ClassVar[Optional[float]] = None
+    windowed: ClassVar[bool] = False
+    needs_box: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            CRITERIA[cls.name] = cls
+
+    @classmethod
+    def build(cls, inputs: CriterionInputs, threshold: float) -> "Criterion":
+        """The criterion for ``inputs`` at ``threshold`` (in ``unit``)."""
+        raise NotImplementedError
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """``[R]`` bool: which replicas of ``positions`` ``[R, N, 3]`` (Å) are unstable."""
+        raise NotImplementedError
+
+    def reasons(self, positions: np.ndarray, replicas: Optional[Sequence[int]] = None) -> list[str]:
+        """One message per replica in ``replicas`` (default: all) of ``positions`` ``[R, N, 3]``."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget recorded frames (after a rewind); a criterion that judges single frames has none."""
+
+
+def criterion_names(purpose: str = "evaluation") -> list[str]:
+    """Names of the registered criteria usable for ``purpose`` (``evaluation`` or ``training``)."""
+    return [name for name, cls in CRITERIA.items() if purpose == "evaluation" or cls.training_threshold is not None]
+
+
+def default_threshold(name: str, purpose: str = "evaluation") -> float:
+    """The default threshold of criterion ``name`` for ``purpose`` (``evaluation`` or ``training``)."""
+    cls = _criterion_class(name, purpose)
+    return cls.training_threshold if purpose == "training" else cls.evaluation_threshold
+
+
+def make_criterion(name: str, inputs: CriterionInputs, threshold: Optional[float] = None,
+                   purpose: str = "evaluation") -> Criterion:
+    """The registered criterion ``name`` built from ``inputs``; ``threshold`` None takes the default for
+    ``purpose``. Raises ``ValueError`` naming what is wrong (unknown name, a box it needs)."""
+    cls = _criterion_class(name, purpose)
+    if cls.needs_box and inputs.cell is None:
+        raise ValueError(f"--criterion {name} needs a periodic box; use --criterion bond for molecules")
+    return cls.build(inputs, default_threshold(name, purpose) if threshold is None else threshold)
+
+
+def _criterion_class(name: str, purpose: str) -> type[Criterion]:
+    if purpose not in ("evaluation", "training"):
+        raise ValueError(f"purpose must be 'evaluation' or 'training', got {purpose!r}")
+    names = criterion_names(purpose)
+    if name not in names:
+        raise ValueError(f"unknown stability criterion {name!r}" + (" for training" if name in CRITERIA else "")
+                         + f"; expected one of {names}")
+    return CRITERIA[name]
+
+
+def _chosen(values: list, replicas: Optional[Sequence[int]]) -> list:
+    return values if replicas is None else [values[int(r)] for r in replicas]
 
 
 def pair_distances(positions: np.ndarray, pairs: np.ndarray, cell: Optional[np.ndarray] = None) -> np.ndarray:
@@ -72,8 +166,21 @@ def detect_bonds(numbers: np.ndarray, reference_positions: np.ndarray, cell: Opt
     return BondGraph(pairs=pairs[bonded], reference_lengths=mean_lengths[bonded], numbers=numbers)
 
 
-class BondLengthCriterion:
+class _OnBondGraph(Criterion):
+    """A criterion built from the bond graph and the cell alone: ``cls(bonds, threshold, cell)``."""
+
+    @classmethod
+    def build(cls, inputs: CriterionInputs, threshold: float) -> Criterion:
+        return cls(inputs.bonds, threshold, inputs.cell)
+
+
+class BondLengthCriterion(_OnBondGraph):
     """A replica is unstable when a bond deviates from its reference length by more than ``threshold`` Å."""
+
+    name = "bond"
+    description = "bond-length deviation from the reference frames (molecules)"
+    evaluation_threshold = EVALUATION_THRESHOLD
+    training_threshold = TRAINING_THRESHOLD
 
     def __init__(self, bonds: BondGraph, threshold: float = EVALUATION_THRESHOLD,
                  cell: Optional[np.ndarray] = None) -> None:
@@ -95,9 +202,10 @@ class BondLengthCriterion:
         """``[R]`` bool: replicas of ``positions`` [R, N, 3] that are unstable."""
         return self.deviations(positions).max(axis=1) > self.threshold
 
-    def reasons(self, positions: np.ndarray) -> list[str]:
+    def reasons(self, positions: np.ndarray, replicas: Optional[Sequence[int]] = None) -> list[str]:
         """Per replica, the worst bond and its deviation, e.g. ``C1-O3 off by 0.62 Å``."""
-        deviations = self.deviations(positions)
+        positions = np.asarray(positions)
+        deviations = self.deviations(positions if replicas is None else positions[np.asarray(replicas, dtype=int)])
         worst = deviations.argmax(axis=1)
         return [f"bond {self.bonds.describe(b)} off by {deviations[r, b]:.2f} Å" for r, b in enumerate(worst)]
 
@@ -129,11 +237,16 @@ def intermolecular_pairs(bonds: BondGraph) -> np.ndarray:
     return np.stack([i[between], j[between]], axis=1)
 
 
-class MinDistanceCriterion:
+class MinDistanceCriterion(_OnBondGraph):
     """A replica is unstable when two atoms of different molecules come closer than ``threshold`` Å (1.2).
 
     Molecules are the connected components of the bond graph (water: one O and two H).
     """
+
+    name = "imd"
+    description = "minimum intermolecular distance (liquids)"
+    evaluation_threshold = MIN_DISTANCE_THRESHOLD
+    training_threshold = MIN_DISTANCE_THRESHOLD
 
     def __init__(self, bonds: BondGraph, threshold: float = MIN_DISTANCE_THRESHOLD,
                  cell: Optional[np.ndarray] = None) -> None:
@@ -149,8 +262,9 @@ class MinDistanceCriterion:
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         return self.distances(positions).min(axis=1) < self.threshold
 
-    def reasons(self, positions: np.ndarray) -> list[str]:
-        distances = self.distances(positions)
+    def reasons(self, positions: np.ndarray, replicas: Optional[Sequence[int]] = None) -> list[str]:
+        positions = np.asarray(positions)
+        distances = self.distances(positions if replicas is None else positions[np.asarray(replicas, dtype=int)])
         closest = distances.argmin(axis=1)
         messages = []
         for r, p in enumerate(closest):
@@ -161,7 +275,7 @@ class MinDistanceCriterion:
         return messages
 
 
-class RDFCriterion:
+class RDFCriterion(Criterion):
     """A replica is unstable when its RDF, averaged over the last ``window`` checked frames, differs from the
     reference by more than ``threshold``: ∫ |g_ref(r) − <g(r)>| dr > Δ for any element pair (paper: τ = 1 ps,
     Δ = 3.0 for water).
@@ -170,6 +284,20 @@ class RDFCriterion:
     The criterion keeps the last frames per replica, so call it on consecutive checks in time
     order and :meth:`reset` it after a rewind. Until ``window`` frames are in, no replica is flagged.
     """
+
+    name = "rdf"
+    description = "RDF error over a window of checks (liquids, evaluation)"
+    unit = ""
+    evaluation_threshold = RDF_MAE_THRESHOLD
+    windowed = True
+    needs_box = True
+
+    @classmethod
+    def build(cls, inputs: CriterionInputs, threshold: float) -> "RDFCriterion":
+        from stable_md.observables import make_observable
+
+        rdf = make_observable("rdf", inputs.data)
+        return cls(rdf, rdf.reference(inputs.data, inputs.weights).numpy(), inputs.cell, inputs.window, threshold)
 
     def __init__(self, rdf, reference, cell: np.ndarray, window: int, threshold: float = RDF_MAE_THRESHOLD) -> None:
         if window < 1:
@@ -202,11 +330,11 @@ class RDFCriterion:
             return np.zeros(len(positions), dtype=bool)
         return np.max(np.stack(list(errors.values())), axis=0) > self.threshold
 
-    def reasons(self, positions: np.ndarray) -> list[str]:
+    def reasons(self, positions: np.ndarray, replicas: Optional[Sequence[int]] = None) -> list[str]:
         """Messages from the frames recorded so far (does not record ``positions`` again)."""
         errors = self._window_errors()
         names = list(errors)
         stacked = np.stack([errors[n] for n in names])
         worst = stacked.argmax(axis=0)
-        return [f"{names[w]} RDF error {stacked[w, r]:.2f} over {len(self._history)} frames"
-                for r, w in enumerate(worst)]
+        return _chosen([f"{names[w]} RDF error {stacked[w, r]:.2f} over {len(self._history)} frames"
+                        for r, w in enumerate(worst)], replicas)

@@ -117,3 +117,68 @@ def test_rdf_criterion_flags_a_drifting_box_after_its_window():
     assert "O-O RDF error" in criterion.reasons(frames)[1]
     criterion.reset()
     assert criterion(frames).tolist() == [False, False]
+
+
+@pytest.fixture
+def drift_criterion():
+    """A criterion defined outside stable-md, registered for one test only."""
+    from stable_md.stability import CRITERIA, Criterion
+
+    class CentreDrift(Criterion):
+        name = "drift"
+        description = "centre of mass farther than the threshold from where it started"
+        evaluation_threshold = 50.0
+        windowed = True  # it compares with the first check it saw
+
+        def reset(self):
+            self.origin = None
+
+        @classmethod
+        def build(cls, inputs, threshold):
+            return cls(threshold)
+
+        def __init__(self, threshold):
+            self.threshold, self.origin = threshold, None
+
+        def _drift(self, positions):
+            centres = np.asarray(positions).mean(axis=1)
+            if self.origin is None:
+                self.origin = centres
+            return np.linalg.norm(centres - self.origin, axis=1)
+
+        def __call__(self, positions):
+            return self._drift(positions) > self.threshold
+
+        def reasons(self, positions, replicas=None):
+            drift = self._drift(positions)
+            return [f"centre drifted {drift[r]:.2f} Å" for r in (range(len(drift)) if replicas is None else replicas)]
+
+    yield CentreDrift
+    del CRITERIA["drift"]
+
+
+def test_a_new_criterion_is_one_subclass_found_by_name_everywhere(drift_criterion, pretrained_model, ethanol,
+                                                                   tmp_path):
+    """The criterion registry (issue 13): declaring a subclass makes it a choice of evaluate, with its default
+    threshold, and keeps it out of refine (no training threshold), touching no other file."""
+    from stable_md.cli import build_parser
+    from stable_md.evaluation import EvaluateSettings, evaluate
+    from stable_md.refinement import RefineSettings
+    from stable_md.stability import CriterionInputs, criterion_names, default_threshold, make_criterion
+
+    assert "drift" in criterion_names() and "drift" not in criterion_names("training")
+    assert default_threshold("drift") == 50.0 and default_threshold("bond", "training") == 0.25
+    with pytest.raises(ValueError, match=r"unknown stability criterion 'drift' for training; expected one of "
+                                         r"\['bond', 'imd'\]"):
+        RefineSettings(criterion="drift")
+    with pytest.raises(ValueError, match="--criterion rdf needs a periodic box"):
+        make_criterion("rdf", CriterionInputs(bonds=None))
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "m.pt", "--data", "d.xyz", "-o", "e", "--criterion", "drift"]).criterion == \
+        "drift"
+    report = evaluate([pretrained_model], ethanol, tmp_path / "e",
+                      EvaluateSettings(n_replicas=3, total_time=100.0, check_every=20, vacf_window=0, error_frames=10,
+                                       criterion="drift", threshold=1e-4), progress=False)
+    (result,) = report["models"]
+    assert result["n_unstable"] == 3 and all("centre drifted" in reason for reason in result["reasons"].values())
+    assert report["settings"]["threshold"] == 1e-4
