@@ -277,7 +277,7 @@ def _add_refine_parser(commands) -> None:
                    help="refined model file (default: <model>.stable.pt next to the model)")
     p.add_argument("--run-dir", default=None, help="run directory (default: <output stem>.refine/)")
     p.add_argument("--obs", action="append", choices=sorted(OBSERVABLES), default=None,
-                   help="observable to match, repeatable: " + "; ".join(f"{k}: {v}" for k, v in OBSERVABLES.items())
+                   help="observable to match, repeatable: " + "; ".join(f"{k}: {v.description}" for k, v in OBSERVABLES.items())
                         + " (default: hr)")
     p.add_argument("--obs-weight", type=_observable_weight, action="append", default=None,
                    help="weight of each --obs, in the same order, or auto (default): calibrated at the first "
@@ -348,6 +348,8 @@ def _add_refine_parser(commands) -> None:
 
 
 def _add_evaluate_parser(commands) -> None:
+    from stable_md.observables import binned_observables
+
     p = commands.add_parser(
         "evaluate", help="compare models' MD stability and accuracy on identical held-out starts",
         description="The paper's evaluation protocol (appendix A.7-A.8): R replicas of every model start from the "
@@ -383,7 +385,7 @@ def _add_evaluate_parser(commands) -> None:
                    help="steps between stability checks and observable samples (default: 100)")
     p.add_argument("--rdf-window", type=_positive_int, default=20,
                    help="checks averaged by the rdf criterion (default: 20, i.e. 1 ps at the defaults)")
-    p.add_argument("--obs", choices=["hr", "rdf"], default=None,
+    p.add_argument("--obs", choices=binned_observables(), default=None,
                    help="observable compared with the data (default: hr for molecules, rdf for periodic boxes)")
     p.add_argument("--error-frames", type=_positive_int, default=1000,
                    help="held-out data frames for the energy/force MAE (default: 1000)")

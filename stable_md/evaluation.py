@@ -39,8 +39,8 @@ import numpy as np
 
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
-from stable_md.observables import (Observable, diffusion_coefficient, make_observable, mean_squared_displacement,
-                                   reference_frames, velocity_autocorrelation)
+from stable_md.observables import (Observable, binned_observables, diffusion_coefficient, make_observable,
+                                   mean_squared_displacement, reference_frames, velocity_autocorrelation)
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.potentials.model_file import file_sha256, load_model, read_metadata, write_json
 from stable_md.reweighting import temperature_weights
@@ -51,7 +51,6 @@ from stable_md.survival import compare, summarize
 
 REPORT_NAME = "evaluation.json"
 MODELS_DIRECTORY = "models"
-OBSERVABLES = ("hr", "rdf")
 # Settings that must agree between a model result on disk and a resumed evaluation.
 _RESUME_KEYS = ("n_replicas", "temperature", "timestep", "total_time", "integrator", "collision_frequency",
                 "friction", "criterion", "threshold", "check_every", "observable", "seed", "rdf_window",
@@ -81,8 +80,8 @@ class EvaluateSettings:
     platform: str = "CPU"
 
     def __post_init__(self) -> None:
-        if self.observable not in OBSERVABLES:
-            raise ValueError(f"evaluate compares the observables {list(OBSERVABLES)}, got {self.observable!r}")
+        if self.observable not in binned_observables():
+            raise ValueError(f"evaluate compares the observables {binned_observables()}, got {self.observable!r}")
         if self.threshold is None:
             self.threshold = default_threshold(self.criterion)  # names the criteria when it is unknown
         if self.criterion not in criterion_names():

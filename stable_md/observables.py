@@ -94,10 +94,32 @@ def smeared_histogram(distances: Tensor, centres: Tensor, sigma: float, weights:
     return torch.cat(out) if out else torch.zeros(0, n_bins, dtype=distances.dtype)
 
 
-class Observable:
-    """Base class: a vector observable per frame with a reference from a data set."""
+OBSERVABLES: dict[str, type["Observable"]] = {}
 
-    name: str = "observable"
+
+class Observable:
+    """Base class: a vector observable per frame with a reference from a data set.
+
+    Subclasses register themselves under ``name`` in :data:`OBSERVABLES` and are built by name with
+    :func:`make_observable`: a new observable is one subclass that declares ``name``, ``description`` and
+    ``binned`` (a curve over r whose error is ∫|g − g_ref| dr, as evaluate reports) and implements
+    ``build`` and ``__call__``.
+    """
+
+    name: str = ""
+    description: str = ""
+    #: a curve over distance bins (h(r), RDF): evaluate compares such curves
+    binned: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            OBSERVABLES[cls.name] = cls
+
+    @classmethod
+    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "Observable":
+        """The observable for ``data``'s system; ``bonds`` (None: detected from the data) for bond-based ones."""
+        raise NotImplementedError
     #: what the vector's entries are along (bin centres in Å, or indices), for plots
     x: np.ndarray
     x_label: str = ""
@@ -139,8 +161,14 @@ class DistanceDistribution(Observable):
     """
 
     name = "hr"
+    description = "distribution of interatomic distances h(r)"
+    binned = True
     x_label = "r (Å)"
     y_label = "h(r) (1/Å)"
+
+    @classmethod
+    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "DistanceDistribution":
+        return cls(data.n_atoms, **options)
 
     def __init__(self, n_atoms: int, r_max: float = 10.0, n_bins: int = 500, sigma: Optional[float] = None) -> None:
         if n_atoms < 2:
@@ -179,8 +207,18 @@ class ElementRDF(Observable):
     """
 
     name = "rdf"
+    description = "element-resolved radial distribution functions (periodic boxes)"
+    binned = True
     x_label = "r (Å)"
     y_label = "g(r)"
+
+    @classmethod
+    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "ElementRDF":
+        if not data.periodic:
+            raise ValueError(f"--obs rdf needs a periodic box, but {data.source} holds molecules without one; "
+                             "use --obs hr")
+        options.setdefault("r_max", largest_rdf_range(data.cells[0]))
+        return cls(data.numbers, **options)
 
     def __init__(self, numbers: Sequence[int], pairs: Optional[Sequence[tuple[str, str]]] = None,
                  r_max: float = 6.0, n_bins: int = 120, sigma: Optional[float] = None) -> None:
@@ -257,8 +295,14 @@ class BondLengths(Observable):
     Bond types are element pairs such as ``C-H``; :attr:`labels` names the entries.
     """
 
+    name = "bonds"
+    description = "length of every bond"
     x_label = "bond type"
     y_label = "bond length (Å)"
+
+    @classmethod
+    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "BondLengths":
+        return BondLengths(_bonds_of(data, bonds), per_type=cls.name == "bond-types")
 
     def __init__(self, bonds: BondGraph, per_type: bool = False) -> None:
         if len(bonds.pairs) == 0:
@@ -288,6 +332,13 @@ class BondLengths(Observable):
         return {"name": self.name, "bonds": len(self.bonds.pairs), "labels": self.labels}
 
 
+class BondTypeLengths(BondLengths):
+    """The registry's ``bond-types``: :class:`BondLengths` averaged per bond type (``per_type=True``)."""
+
+    name = "bond-types"
+    description = "mean bond length per bond type (e.g. O-H)"
+
+
 class MinIntermolecularDistance(Observable):
     """The shortest distance (Å) between atoms of different molecules, ``[F, 1]``.
 
@@ -295,8 +346,13 @@ class MinIntermolecularDistance(Observable):
     """
 
     name = "imd"
+    description = "minimum intermolecular distance"
     x_label = ""
     y_label = "min. intermolecular distance (Å)"
+
+    @classmethod
+    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "MinIntermolecularDistance":
+        return cls(_bonds_of(data, bonds))
 
     def __init__(self, bonds: BondGraph) -> None:
         self.pairs = torch.as_tensor(intermolecular_pairs(bonds))
@@ -318,34 +374,24 @@ def largest_rdf_range(cell: np.ndarray, limit: float = 6.0) -> float:
 
 
 def make_observable(name: str, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> Observable:
-    """The observable called ``name`` (``hr``, ``rdf``, ``bonds``, ``bond-types``, ``imd``) for ``data``'s system.
+    """The registered observable called ``name`` (see :data:`OBSERVABLES`) for ``data``'s system.
 
     Bond-based observables detect bonds on up to 1000 data frames unless ``bonds`` is given.
     """
-    if name == "hr":
-        return DistanceDistribution(data.n_atoms, **options)
-    if name == "rdf":
-        if not data.periodic:
-            raise ValueError(f"--obs rdf needs a periodic box, but {data.source} holds molecules without one; "
-                             "use --obs hr")
-        options.setdefault("r_max", largest_rdf_range(data.cells[0]))
-        return ElementRDF(data.numbers, **options)
-    if name in ("bonds", "bond-types", "imd"):
-        if bonds is None:
-            bonds = detect_bonds(data.numbers, reference_frames(data), None if data.cells is None else data.cells[0])
-        if name == "imd":
-            return MinIntermolecularDistance(bonds)
-        return BondLengths(bonds, per_type=name == "bond-types")
-    raise ValueError(f"unknown observable {name!r}; expected one of {list(OBSERVABLES)}")
+    if name not in OBSERVABLES:
+        raise ValueError(f"unknown observable {name!r}; expected one of {list(OBSERVABLES)}")
+    return OBSERVABLES[name].build(data, bonds, **options)
 
 
-OBSERVABLES = {
-    "hr": "distribution of interatomic distances h(r)",
-    "rdf": "element-resolved radial distribution functions (periodic boxes)",
-    "bonds": "length of every bond",
-    "bond-types": "mean bond length per bond type (e.g. O-H)",
-    "imd": "minimum intermolecular distance",
-}
+def binned_observables() -> list[str]:
+    """Names of the observables that are curves over distance bins (those evaluate compares)."""
+    return [name for name, cls in OBSERVABLES.items() if cls.binned]
+
+
+def _bonds_of(data: Dataset, bonds: Optional[BondGraph]) -> BondGraph:
+    if bonds is not None:
+        return bonds
+    return detect_bonds(data.numbers, reference_frames(data), None if data.cells is None else data.cells[0])
 
 
 def reference_frames(data: Dataset, limit: int = 1000) -> np.ndarray:

@@ -157,3 +157,49 @@ def test_figures_name_element_pairs_and_bond_types(ethanol):
     assert all(line.get_linestyle() == "None" for line in top.get_lines())  # markers, no lines between categories
     assert (top.get_ylabel(), bottom.get_ylabel(), bottom.get_xlabel()) == \
         ("bond length (Å)", "difference (Å)", "bond type")
+
+
+@pytest.fixture
+def gyration_observable():
+    """An observable defined outside stable-md, registered for one test only."""
+    from stable_md.observables import OBSERVABLES, Observable
+
+    class Gyration(Observable):
+        name = "gyration"
+        description = "radius of gyration (Å)"
+        y_label = "radius of gyration (Å)"
+
+        @classmethod
+        def build(cls, data, bonds=None, **options):
+            return cls()
+
+        def __init__(self):
+            self.x = np.zeros(1)
+
+        def __call__(self, positions, cell=None):
+            frames = torch.as_tensor(positions, dtype=torch.float64).reshape(-1, *np.shape(positions)[-2:])
+            centred = frames - frames.mean(dim=1, keepdim=True)
+            return centred.pow(2).sum(dim=-1).mean(dim=1, keepdim=True).sqrt()
+
+    yield Gyration
+    del OBSERVABLES["gyration"]
+
+
+def test_a_new_observable_is_one_subclass_refine_can_match(gyration_observable, pretrained_model, ethanol_path,
+                                                           ethanol, tmp_path):
+    """The observable registry (issue 13): a subclass is found by name by make_observable and refine, with no other
+    file touched; evaluate, which compares binned curves, names the ones it takes."""
+    from stable_md.evaluation import EvaluateSettings
+    from stable_md.observables import binned_observables
+    from stable_md.refinement import RefineSettings, refine
+
+    assert binned_observables() == ["hr", "rdf"]
+    gyration = make_observable("gyration", ethanol)
+    assert gyration.reference(ethanol).shape == (1,) and 1.0 < float(gyration.reference(ethanol)[0]) < 2.0
+    with pytest.raises(ValueError, match=r"evaluate compares the observables \['hr', 'rdf'\], got 'gyration'"):
+        EvaluateSettings(observable="gyration")
+    settings = RefineSettings(observables=["gyration"], n_replicas=8, steps_per_epoch=100, threshold=0.15, f_max=0.1,
+                              max_cycles=1, max_epochs=2, max_simulation_time=2000.0, qm_batch=16, seed=3)
+    result = refine(pretrained_model, ethanol_path, tmp_path / "g.pt", settings, progress=False)
+    learning = [row for row in result.history if row["phase"] == "learning"]
+    assert learning and all("loss_gyration" in row for row in learning)
