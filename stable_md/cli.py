@@ -547,7 +547,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from stable_md.units import parse_time_fs
 
     try:
-        from openmm_bridge.simulate import SimulationSettings, run_simulation
+        from stable_md.simulate import SimulationSettings, run_simulation
     except ImportError as error:
         raise ImportError(f"simulate needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
     if args.overwrite and args.resume:
