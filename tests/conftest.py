@@ -47,3 +47,17 @@ def safe_loading_stays_on():
     yield
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ, \
         "a test or library path left torch's safe loading disabled (import mace via _e3nn_env)"
+
+
+def assert_same_simulate_runs(reference: Path, other: Path, n_replicas: int, n_frames: int) -> None:
+    """Two `stable-md simulate` run directories hold the same state log and bit-identical trajectories."""
+    import mdtraj
+    import numpy as np
+
+    assert (other / "state.csv").read_text() == (reference / "state.csv").read_text()
+    for replica in range(n_replicas):
+        name = f"replica_{replica:03d}.dcd"
+        a = mdtraj.load(str(reference / name), top=str(reference / "topology.pdb"))
+        b = mdtraj.load(str(other / name), top=str(other / "topology.pdb"))
+        assert a.n_frames == b.n_frames == n_frames
+        np.testing.assert_array_equal(a.xyz, b.xyz)

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import mdtraj
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_SCHNET
+from conftest import FAST_SCHNET, assert_same_simulate_runs
 from stable_md.potentials import load_model
 
 pytest.importorskip("openmm")
@@ -128,11 +127,5 @@ def test_simulate_killed_at_random_moments_resumes_to_the_same_trajectories(tmp_
     landed = _run_with_kills(command(killed), _moments(seconds, seed=3), killed / "checkpoint.npz",
                              lambda: (killed / "summary.json").exists())
     assert landed >= 2, f"only {landed} of {KILLS} kills landed before the run ended"
-    assert (killed / "state.csv").read_text() == (reference / "state.csv").read_text()
-    for replica in range(3):
-        name = f"replica_{replica:03d}.dcd"
-        a = mdtraj.load(str(reference / name), top=str(reference / "topology.pdb"))
-        b = mdtraj.load(str(killed / name), top=str(killed / "topology.pdb"))
-        assert a.n_frames == b.n_frames == 101
-        np.testing.assert_array_equal(a.xyz, b.xyz)
+    assert_same_simulate_runs(reference, killed, n_replicas=3, n_frames=101)
     assert not _stale_files(killed)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same_simulate_runs
 from stable_md.cli import main
 
 
@@ -136,13 +137,7 @@ def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_p
     assert not (resumed / "summary.json").exists(), "the run should have died mid-way"
 
     assert main(_args(pretrained_model, ethanol_path, resumed, *long, "--resume")) == 0
-    assert (resumed / "state.csv").read_text() == (reference / "state.csv").read_text()
-    for replica in range(3):
-        name = f"replica_{replica:03d}.dcd"
-        a = mdtraj.load(str(reference / name), top=str(reference / "topology.pdb"))
-        b = mdtraj.load(str(resumed / name), top=str(resumed / "topology.pdb"))
-        assert a.n_frames == b.n_frames == 101
-        np.testing.assert_array_equal(a.xyz, b.xyz)
+    assert_same_simulate_runs(reference, resumed, n_replicas=3, n_frames=101)
 
     # A finished run can be extended with a longer --time.
     assert main(_args(pretrained_model, ethanol_path, resumed, "--integrator", "langevin", "--time", "1.1ps",
