@@ -44,8 +44,7 @@ from stable_md.observables import (Observable, binned_observables, diffusion_coe
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.potentials.model_file import file_sha256, load_model, read_metadata, write_json
 from stable_md.reweighting import temperature_weights
-from stable_md.stability import (BondGraph, Criterion, CriterionInputs, criterion_names, default_threshold,
-                                 detect_bonds, make_criterion)
+from stable_md.stability import BondGraph, Criterion, CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.structures import spread_indices
 from stable_md.survival import compare, summarize
 
@@ -82,10 +81,9 @@ class EvaluateSettings:
     def __post_init__(self) -> None:
         if self.observable not in binned_observables():
             raise ValueError(f"evaluate compares the observables {binned_observables()}, got {self.observable!r}")
+        default = default_threshold(self.criterion)  # raises, naming the criteria, for an unknown one
         if self.threshold is None:
-            self.threshold = default_threshold(self.criterion)  # names the criteria when it is unknown
-        if self.criterion not in criterion_names():
-            raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of {criterion_names()}")
+            self.threshold = default
         if self.integrator not in ("nose-hoover", "langevin", "verlet"):
             raise ValueError(f"unknown integrator {self.integrator!r}; expected nose-hoover, langevin or verlet")
         for name in ("n_replicas", "check_every", "error_frames", "rdf_window"):

@@ -207,12 +207,6 @@ class SplitSettings:
 MAX_DEFAULT_TRAIN, MAX_DEFAULT_VAL = 1000, 100
 
 
-def split_dataset(data: Dataset, split: SplitSettings) -> tuple[Dataset, Dataset, Dataset]:
-    """Train/validation/test frames (counts resolved with :meth:`SplitSettings.resolved`)."""
-    split = split.resolved(len(data), str(data.source))
-    return data.split(split.n_train, split.n_val, split.n_test, seed=split.seed)
-
-
 def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
              split: SplitSettings = SplitSettings(), settings: PretrainSettings = PretrainSettings(),
              hyperparameters: Optional[dict[str, Any]] = None, units: Optional[str] = None,
@@ -248,7 +242,7 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     if announce is not None:
         announce(f"split: {split.n_train} training, {split.n_val} validation, {split.n_test} test frames "
                  f"of {len(data)} (seed {split.seed})")
-    train, val, test = split_dataset(data, split)
+    train, val, test = data.split(split.n_train, split.n_val, split.n_test, seed=split.seed)
 
     torch.manual_seed(settings.seed)
     potential, hyper = build_potential(arch, data.species, **(hyperparameters or {}))

@@ -38,7 +38,7 @@ from stable_md.potentials.model_file import (ModelFile, json_default, atomic_wri
                                             load_model, read_checkpoint, save_model, truncate_jsonl_log, write_json)
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
-from stable_md.stability import CriterionInputs, criterion_names, default_threshold, detect_bonds, make_criterion
+from stable_md.stability import CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.structures import spread_indices
 
 LOG_NAME = "log.jsonl"
@@ -155,11 +155,9 @@ class RefineSettings:
             raise ValueError(f"observable weights must be >= 0, got {self.observable_weights}")
         if not 0 < self.observable_share < 1:
             raise ValueError(f"observable_share must lie in (0, 1), got {self.observable_share}")
+        default = default_threshold(self.criterion, "training")  # raises, naming the criteria, for an unknown one
         if self.threshold is None:
-            self.threshold = default_threshold(self.criterion, "training")  # names the criteria when unknown
-        if self.criterion not in criterion_names("training"):
-            raise ValueError(f"unknown stability criterion {self.criterion!r}; expected one of "
-                             f"{criterion_names('training')}")
+            self.threshold = default
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {list(OPTIMIZERS)}")
         if self.train_frames not in ("auto", "pretrain", "all"):
