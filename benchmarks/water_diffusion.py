@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openmm_bridge.water import run_water_md
+from stable_md.refdata.water_md import run_water_md
 from stable_md.data import load_dataset
 from stable_md.observables import diffusion_coefficient, mean_squared_displacement
 

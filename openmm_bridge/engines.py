@@ -13,15 +13,14 @@ All arrays here are in OpenMM units (nm, nm/ps); ReplicaSet converts.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
 import openmm
 
 from openmm_bridge.forces import ModelCallback, make_force
-from openmm_bridge.integrators import IntegratorSettings, build_integrator
-
-PLATFORMS = ("Reference", "CPU", "CUDA", "OpenCL")
+from openmm_bridge.integrators import build_integrator
+from openmm_bridge.md_settings import PLATFORMS, MDSettings
 
 
 def make_platform(name: str) -> tuple[openmm.Platform, dict[str, str]]:
@@ -37,11 +36,57 @@ def make_platform(name: str) -> tuple[openmm.Platform, dict[str, str]]:
     return platform, properties
 
 
+class ReplicaEngine(Protocol):
+    """What :class:`openmm_bridge.replicas.ReplicaSet` needs of a way to hold R replicas in OpenMM.
+
+    A new backend implements these and adds itself to :data:`ENGINES` under the name ``mode`` selects.
+    Arrays are [R, N, 3] in nm and nm/ps; ``frozen`` masks are [R] bool.
+    """
+
+    builds: int  # how many times the Contexts were made; snapshots record it so a rewind rebuilds alike
+    restores_subsets: bool  # whether load(..., replicas=...) restores the integrator state of some replicas only
+
+    def build(self, frozen: np.ndarray, salt: Optional[int] = None) -> None:
+        """(Re)create Systems, integrators and Contexts with ``frozen`` replicas held still; state is not kept."""
+
+    def set_frozen(self, frozen: np.ndarray) -> None:
+        """Hold ``frozen`` replicas still from now on (the caller writes positions and velocities afterwards)."""
+
+    def step(self, n_steps: int) -> None:
+        """Advance the running replicas; a failure of the model is recorded (see ``nonfinite``), not raised,
+        where the backend can contain it."""
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and velocities of every replica."""
+
+    def write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+        """Set positions and velocities of every replica."""
+
+    def checkpoint(self) -> tuple[bytes, ...]:
+        """The exact state (one OpenMM checkpoint per Context)."""
+
+    def load(self, checkpoints: tuple[bytes, ...], frozen: np.ndarray, salt: int,
+             replicas: Optional[np.ndarray] = None) -> None:
+        """Return to ``checkpoints`` (of a build with ``salt``): all replicas, or ``replicas`` where supported."""
+
+    def nonfinite(self) -> np.ndarray:
+        """[R] bool: replicas whose model evaluation gave non-finite or exploding values since the last clear."""
+
+    def clear_nonfinite(self) -> None:
+        ...
+
+    def last_error(self) -> Optional[BaseException]:
+        """An exception the model raised that stopped the whole set (then re-raised by the caller), once."""
+
+    def replica_error(self, replica: int) -> Optional[BaseException]:
+        """The exception that stopped one replica alone, if the backend keeps them apart."""
+
+
 class _Engine:
     """Common state: layout, masses, integrator settings, box."""
 
     def __init__(self, model, numbers: np.ndarray, masses: np.ndarray, n_replicas: int,
-                 box_nm: Optional[np.ndarray], settings: IntegratorSettings, backend: str,
+                 box_nm: Optional[np.ndarray], settings: MDSettings, backend: str,
                  platform: str, device: str) -> None:
         self.model = model
         self.numbers = numbers
@@ -70,6 +115,8 @@ class _Engine:
 
 class BatchedEngine(_Engine):
     """All replicas in one Context."""
+
+    restores_subsets = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -111,7 +158,13 @@ class BatchedEngine(_Engine):
     def checkpoint(self) -> tuple[bytes, ...]:
         return (self.context.createCheckpoint(),)
 
-    def load(self, checkpoints: tuple[bytes, ...], frozen: np.ndarray, salt: int) -> None:
+    def set_frozen(self, frozen: np.ndarray) -> None:
+        self.build(frozen)  # a frozen replica has zero mass and no thermostat: another System
+
+    def load(self, checkpoints: tuple[bytes, ...], frozen: np.ndarray, salt: int,
+             replicas: Optional[np.ndarray] = None) -> None:
+        if replicas is not None:
+            raise ValueError("the batched engine restores all replicas at once")
         if self.context is None or not np.array_equal(frozen, self.frozen) or salt != self.builds:
             self.build(frozen, salt=salt)
         self.context.loadCheckpoint(checkpoints[0])
@@ -126,9 +179,14 @@ class BatchedEngine(_Engine):
         error, self.callback.last_error = self.callback.last_error, None
         return error
 
+    def replica_error(self, replica: int) -> Optional[BaseException]:
+        return None  # one Context: a model error stops the set (last_error)
+
 
 class PerReplicaEngine(_Engine):
     """One Context per replica, all sharing the same model module."""
+
+    restores_subsets = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -197,5 +255,15 @@ class PerReplicaEngine(_Engine):
         for callback in self.callbacks:
             callback.nonfinite[:] = False
 
+    def set_frozen(self, frozen: np.ndarray) -> None:
+        self.frozen = np.array(frozen, dtype=bool)  # a frozen replica's Context is simply not stepped
+
     def last_error(self) -> Optional[BaseException]:
         return None  # per-replica failures are contained, see step()
+
+    def replica_error(self, replica: int) -> Optional[BaseException]:
+        return self.errors[replica]
+
+
+# The backends by the name ReplicaSet's ``mode`` gives (MDSettings.mode).
+ENGINES: dict[str, type] = {"batched": BatchedEngine, "per-replica": PerReplicaEngine}

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.potentials.base import Potential
-from stable_md.potentials.model_file import ModelFile, atomic_write, load_model, script_potential
+from stable_md.files import atomic_write
+from stable_md.potentials.model_file import ModelFile, load_model, script_potential
 from stable_md.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
 

@@ -11,51 +11,16 @@ temperature, which is what :func:`replica_temperatures` reports, then equals T.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import openmm
 
+from openmm_bridge.md_settings import MDSettings
 from stable_md.units import PS_IN_FS
 
-INTEGRATORS = ("langevin", "nose-hoover", "verlet")
 
-
-@dataclass(frozen=True)
-class IntegratorSettings:
-    """What integrates the replicas.
-
-    Attributes
-    ----------
-    kind: ``langevin`` (OpenMM's LangevinMiddle), ``nose-hoover`` or ``verlet`` (NVE).
-    temperature: target temperature in K (ignored by ``verlet``).
-    timestep: fs.
-    friction: Langevin friction in 1/ps.
-    collision_frequency: Nosé-Hoover collision frequency in 1/ps.
-    chain_length: beads per Nosé-Hoover chain.
-    seed: random seed (Langevin noise and initial velocities).
-    """
-
-    kind: str = "langevin"
-    temperature: float = 300.0
-    timestep: float = 0.5
-    friction: float = 1.0
-    collision_frequency: float = 10.0
-    chain_length: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in INTEGRATORS:
-            raise ValueError(f"unknown integrator {self.kind!r}; expected one of {list(INTEGRATORS)}")
-        for name in ("temperature", "timestep", "friction", "collision_frequency"):
-            value = getattr(self, name)
-            if not value > 0 or value == float("inf"):
-                raise ValueError(f"integrator {name} must be a positive finite number, got {value}")
-        if self.chain_length < 1:
-            raise ValueError(f"Nosé-Hoover chain_length must be at least 1, got {self.chain_length}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+# Beads per Nosé-Hoover chain.
+CHAIN_LENGTH = 3
 
 
 def openmm_seed(seed: int, salt: int = 0) -> int:
@@ -70,16 +35,16 @@ def thermostat_temperature(temperature: float, n_atoms: int) -> float:
     return temperature * (3 * n_atoms - 3) / (3 * n_atoms)
 
 
-def build_integrator(settings: IntegratorSettings, thermostat_groups: Sequence[Sequence[int]],
+def build_integrator(settings: MDSettings, thermostat_groups: Sequence[Sequence[int]],
                      salt: int = 0) -> openmm.Integrator:
     """An integrator for a System whose replicas are ``thermostat_groups`` (particle indices of running replicas).
 
     ``salt`` varies the random stream between rebuilds of the same replica set.
     """
     step_ps = settings.timestep / PS_IN_FS
-    if settings.kind == "verlet":
+    if settings.integrator == "verlet":
         return openmm.VerletIntegrator(step_ps)
-    if settings.kind == "langevin":
+    if settings.integrator == "langevin":
         integrator = openmm.LangevinMiddleIntegrator(settings.temperature, settings.friction, step_ps)
         integrator.setRandomNumberSeed(openmm_seed(settings.seed, salt))
         return integrator
@@ -87,5 +52,5 @@ def build_integrator(settings: IntegratorSettings, thermostat_groups: Sequence[S
     for group in thermostat_groups:
         target = thermostat_temperature(settings.temperature, len(group))
         integrator.addSubsystemThermostat([int(i) for i in group], [], target, settings.collision_frequency,
-                                          target, settings.collision_frequency, settings.chain_length, 3, 7)
+                                          target, settings.collision_frequency, CHAIN_LENGTH, 3, 7)
     return integrator

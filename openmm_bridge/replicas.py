@@ -3,8 +3,12 @@
 >>> replicas = ReplicaSet("model.pt", numbers, start_positions, n_replicas=32,
 ...                       integrator="nose-hoover", temperature=500, timestep=0.5)
 >>> before = replicas.snapshot()
->>> replicas.run(2000, every=100, callback=lambda frames: check(frames.positions))
+>>> replicas.run(2000, reporters=[StabilityMonitor(criterion, 100), PositionSampler(10)])
 >>> replicas.restore(before)            # bit-exact rewind of every replica
+
+The run loop knows nothing about what is recorded: as in OpenMM's ``Simulation``, each
+reporter (:class:`openmm_bridge.reporters.Reporter`) says how many steps remain until it
+wants the next frames, and gets them then.
 
 Units at this API are stable-md's: positions Å, velocities Å/fs, energies eV, time fs.
 ``mode="batched"`` (default) holds the replicas as non-interacting copies in one
@@ -26,37 +30,43 @@ import openmm
 from ase.data import atomic_masses
 from torch import nn
 
-from openmm_bridge.engines import BatchedEngine, PerReplicaEngine
+from openmm_bridge.engines import ENGINES, ReplicaEngine
 from openmm_bridge.forces import BACKENDS, MAX_FORCE_EV_PER_A, ModelCallback
-from openmm_bridge.integrators import IntegratorSettings, openmm_seed
+from openmm_bridge.integrators import openmm_seed
+from openmm_bridge.md_settings import MDSettings
+from openmm_bridge.reporters import CallbackReporter, Reporter
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.units import (ANGSTROM_PER_FS_IN_NM_PER_PS, KB_EV_PER_K, KB_KJ_PER_MOL_K, KJ_PER_MOL_IN_EV,
                              NM_IN_ANGSTROM)
 
-MODES = ("batched", "per-replica")
 # Kinetic energy of 1 amu moving at 1 Å/fs, in eV.
 AMU_ANGSTROM2_PER_FS2_IN_EV = KJ_PER_MOL_IN_EV * ANGSTROM_PER_FS_IN_NM_PER_PS ** 2
 DEFAULT_CHECK_INTERVAL = 50
 NONFINITE_REASON = f"non-finite or exploding energy, forces or positions (|F| > {MAX_FORCE_EV_PER_A:g} eV/Å)"
 
 
-@dataclass
 class ReplicaFrames:
-    """The replicas at one moment (handed to ``run`` callbacks).
+    """The replicas at one moment (handed to reporters).
 
     positions [R, N, 3] Å; velocities [R, N, 3] Å/fs; potential_energy, kinetic_energy
-    [R] eV (potential NaN for replicas not running); temperature [R] K from the
-    internal kinetic energy (3N - 3 degrees of freedom); running [R] bool.
+    [R] eV (NaN for replicas not running); temperature [R] K from the internal kinetic
+    energy (3N - 3 degrees of freedom); running [R] bool. The potential energy costs one
+    model evaluation, made the first time a reporter asks for it.
     """
 
-    step: int
-    time: float
-    positions: np.ndarray
-    velocities: np.ndarray
-    potential_energy: np.ndarray
-    kinetic_energy: np.ndarray
-    temperature: np.ndarray
-    running: np.ndarray
+    def __init__(self, step: int, time: float, positions: np.ndarray, velocities: np.ndarray,
+                 kinetic_energy: np.ndarray, temperature: np.ndarray, running: np.ndarray,
+                 potential_energy: Callable[[], np.ndarray] | np.ndarray) -> None:
+        self.step, self.time = step, time
+        self.positions, self.velocities = positions, velocities
+        self.kinetic_energy, self.temperature, self.running = kinetic_energy, temperature, running
+        self._potential = potential_energy
+
+    @property
+    def potential_energy(self) -> np.ndarray:
+        if callable(self._potential):
+            self._potential = self._potential()
+        return self._potential
 
 
 @dataclass
@@ -93,7 +103,7 @@ class ReplicaSet:
         Periodic box ``[3, 3]`` in Å (rows are box vectors, in OpenMM's reduced form:
         a along x, b in the xy plane), shared by all replicas; ``None`` for molecules.
     integrator, temperature, timestep, friction, collision_frequency, seed:
-        See :class:`~openmm_bridge.integrators.IntegratorSettings` (K, fs, 1/ps, 1/ps).
+        See :class:`~openmm_bridge.md_settings.MDSettings` (K, fs, 1/ps, 1/ps); ``settings`` holds them.
     velocities:
         ``[R, N, 3]`` Å/fs; default: Maxwell-Boltzmann at ``temperature`` with each
         replica's centre-of-mass velocity removed.
@@ -129,22 +139,20 @@ class ReplicaSet:
         self.n_atoms = len(self.numbers)
         start = self._start_positions(positions, n_replicas)
         self.n_replicas = len(start)
-        if mode not in MODES:
-            raise ValueError(f"unknown replica mode {mode!r}; expected one of {list(MODES)}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown force backend {backend!r}; expected one of {list(BACKENDS)}")
         if check_interval < 1:
             raise ValueError(f"check_interval must be at least 1 step, got {check_interval}")
+        # checks the integrator, the mode, the platform and that the numbers are positive
+        self.settings = MDSettings(integrator=integrator, temperature=float(temperature), timestep=float(timestep),
+                                   friction=float(friction), collision_frequency=float(collision_frequency),
+                                   seed=int(seed), platform=platform, mode=mode, device=str(device))
         self.mode, self.backend, self.check_interval = mode, backend, int(check_interval)
-        self.settings = IntegratorSettings(kind=integrator, temperature=float(temperature),
-                                           timestep=float(timestep), friction=float(friction),
-                                           collision_frequency=float(collision_frequency), seed=int(seed))
         self.masses = self._masses(masses)
         self.cell = None if cell is None else _reduced_box(cell)
         box_nm = None if self.cell is None else self.cell / NM_IN_ANGSTROM
-        engine_class = BatchedEngine if mode == "batched" else PerReplicaEngine
-        self._engine = engine_class(self.model, self.numbers, self.masses, self.n_replicas, box_nm, self.settings,
-                                    backend, platform, device)
+        self._engine: ReplicaEngine = ENGINES[mode](self.model, self.numbers, self.masses, self.n_replicas, box_nm,
+                                                    self.settings, backend, platform, device)
         # Energies for reports come from their own batched evaluator, whatever the force backend.
         self._energy_evaluator = ModelCallback(self.model, self.numbers, self.n_replicas,
                                                periodic=self.cell is not None, device=device,
@@ -160,6 +168,15 @@ class ReplicaSet:
         if velocities is None:
             velocities = self.maxwell_boltzmann(self.settings.temperature, self.settings.seed)
         self._write(start, _finite(velocities, (self.n_replicas, self.n_atoms, 3), "velocities"))
+
+    @classmethod
+    def from_settings(cls, model: nn.Module | ModelFile | str | os.PathLike, numbers: Sequence[int],
+                      positions: np.ndarray, md: MDSettings, **options) -> "ReplicaSet":
+        """Replicas that run the MD of ``md`` (an :class:`~openmm_bridge.md_settings.MDSettings`); ``options`` are
+        the other arguments of the constructor (``cell``, ``velocities``, ``backend``, ``check_interval``, ...)."""
+        return cls(model, numbers, positions, integrator=md.integrator, temperature=md.temperature,
+                   timestep=md.timestep, friction=md.friction, collision_frequency=md.collision_frequency,
+                   seed=md.seed, mode=md.mode, platform=md.platform, device=md.device, **options)
 
     # -- construction helpers ---------------------------------------------------------------------
     def _check_species(self) -> None:
@@ -188,7 +205,7 @@ class ReplicaSet:
 
     def _masses(self, masses: Optional[Sequence[float]]) -> np.ndarray:
         if masses is None:
-            return np.asarray(atomic_masses[self.numbers], dtype=np.float64)
+            return self.standard_masses(self.numbers)
         masses = np.asarray(masses, dtype=np.float64)
         if masses.shape != (self.n_atoms,) or not (masses > 0).all():
             raise ValueError(f"masses must be {self.n_atoms} positive values in amu, got {masses}")
@@ -234,13 +251,12 @@ class ReplicaSet:
 
     def maxwell_boltzmann(self, temperature: float, seed: int) -> np.ndarray:
         """[R, N, 3] velocities (Å/fs) drawn at ``temperature`` K, each replica's centre of mass at rest."""
-        rng = np.random.default_rng(openmm_seed(seed, 7))
-        sigma = np.sqrt(KB_KJ_PER_MOL_K * temperature / self.masses)[None, :, None]  # nm/ps
-        velocities = rng.standard_normal((self.n_replicas, self.n_atoms, 3)) * sigma
-        if self.n_atoms > 1:
-            com = (velocities * self.masses[None, :, None]).sum(axis=1, keepdims=True) / self.masses.sum()
-            velocities -= com
-        return velocities / ANGSTROM_PER_FS_IN_NM_PER_PS
+        return maxwell_boltzmann(self.masses, self.n_replicas, temperature, seed)
+
+    @staticmethod
+    def standard_masses(numbers: Sequence[int]) -> np.ndarray:
+        """[N] standard atomic masses in amu (what a set uses unless given ``masses``)."""
+        return np.asarray(atomic_masses[np.asarray(numbers, dtype=np.int64)], dtype=np.float64)
 
     def randomize_velocities(self, temperature: Optional[float] = None, seed: Optional[int] = None,
                              replicas: Optional[Iterable[int]] = None) -> None:
@@ -281,9 +297,19 @@ class ReplicaSet:
         positions, velocities = self.positions(), self.velocities()
         kinetic = np.where(self.frozen, np.nan, self.kinetic_energies(velocities))
         temperature = np.where(self.frozen, np.nan, self.temperatures(velocities))
+        frozen = self.frozen.copy()
+
+        def potential() -> np.ndarray:
+            # evaluated with the frozen mask of the moment the frames were taken
+            current, self.frozen = self.frozen, frozen
+            try:
+                return self.potential_energies(positions)
+            finally:
+                self.frozen = current
+
         return ReplicaFrames(step=self.step, time=self.time, positions=positions, velocities=velocities,
-                             potential_energy=self.potential_energies(positions), kinetic_energy=kinetic,
-                             temperature=temperature, running=~self.frozen)
+                             potential_energy=potential, kinetic_energy=kinetic, temperature=temperature,
+                             running=~frozen)
 
     # -- freezing ------------------------------------------------------------------------------------
     def freeze(self, replicas: Iterable[int]) -> None:
@@ -303,10 +329,7 @@ class ReplicaSet:
             return
         positions, velocities = self.positions(), self.velocities()
         self.frozen = frozen
-        if isinstance(self._engine, BatchedEngine):
-            self._engine.build(frozen)
-        else:
-            self._engine.frozen = frozen.copy()
+        self._engine.set_frozen(frozen)
         self._write(positions, velocities)
 
     def reset(self, positions: np.ndarray, velocities: Optional[np.ndarray] = None) -> None:
@@ -366,7 +389,7 @@ class ReplicaSet:
             self.reasons.pop(int(replica), None)
             if int(replica) in snapshot.reasons:
                 self.reasons[int(replica)] = snapshot.reasons[int(replica)]
-        if isinstance(self._engine, PerReplicaEngine):
+        if self._engine.restores_subsets:
             self._engine.load(snapshot.checkpoints, self.frozen, self._engine.builds, replicas=chosen)
         else:
             positions, velocities = self.positions(), self.velocities()
@@ -375,33 +398,48 @@ class ReplicaSet:
             self._write(positions, velocities)
 
     # -- running ---------------------------------------------------------------------------------------
-    def run(self, n_steps: int, callback: Optional[Callable[[ReplicaFrames], Optional[Iterable[int]]]] = None,
-            every: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> int:
+    def run(self, n_steps: int, reporters: Sequence[Reporter] = (),
+            progress: Optional[Callable[[int], None]] = None,
+            callback: Optional[Callable[[ReplicaFrames], Optional[Iterable[int]]]] = None,
+            every: Optional[int] = None) -> int:
         """Advance every running replica by ``n_steps``; returns the steps taken.
 
-        ``callback(frames)`` is called whenever the step counter reaches a multiple of
-        ``every``; replica indices it returns are frozen (a stability criterion's
-        verdict). ``progress(k)`` is told of every ``k`` steps done. Stops early when no
+        Before each stretch of steps every reporter is asked how many steps remain until its
+        next report (``steps_to_next(step)``; ``None``: no more); those whose turn has come get
+        ``report(replicas, frames)`` in list order, with one :class:`ReplicaFrames` shared among
+        them (a reporter earlier in the list may mark replicas unstable; later ones see that in
+        ``replicas``). ``progress(k)`` is told of every ``k`` steps done. Stops early when no
         replica is left running.
+
+        ``callback(frames)`` every ``every`` steps, whose returned replica indices are frozen, is
+        the older spelling of one reporter.
         """
         n_steps = int(n_steps)
         if n_steps < 0:
             raise ValueError(f"n_steps must be non-negative, got {n_steps}")
-        if callback is not None and (every is None or every < 1):
-            raise ValueError("a callback needs every >= 1 steps")
+        reporters = list(reporters)
+        if callback is not None:
+            if every is None or every < 1:
+                raise ValueError("a callback needs every >= 1 steps")
+            reporters.append(CallbackReporter(callback, every))
         done = 0
         while done < n_steps and not self.frozen.all():
             chunk = min(n_steps - done, self.check_interval)
-            if callback is not None:
-                chunk = min(chunk, every - self.step % every)
+            waits = [reporter.steps_to_next(self.step) for reporter in reporters]
+            for wait in waits:
+                if wait is not None:
+                    if wait < 1:
+                        raise ValueError(f"a reporter asked for its next report in {wait} steps; it must be >= 1")
+                    chunk = min(chunk, wait)
             self._advance(chunk)
             done += chunk
             if progress is not None:
                 progress(chunk)
-            if callback is not None and self.step % every == 0:
-                verdict = callback(self.frames())
-                if verdict is not None:
-                    self.freeze(verdict)
+            due = [reporter for reporter, wait in zip(reporters, waits) if wait == chunk]
+            if due:
+                frames = self.frames()
+                for reporter in due:
+                    reporter.report(self, frames)
         return done
 
     def _advance(self, n_steps: int) -> None:
@@ -442,7 +480,7 @@ class ReplicaSet:
     def _retire(self, bad: np.ndarray) -> None:
         """Record replicas ``bad`` [R] as unstable for non-finite values and freeze them."""
         for replica in np.flatnonzero(bad):
-            error = self._engine.errors[replica] if isinstance(self._engine, PerReplicaEngine) else None
+            error = self._engine.replica_error(int(replica))
             self.reasons[int(replica)] = (NONFINITE_REASON if error is None
                                           else f"{type(error).__name__}: {error}")
         self.unstable |= bad
@@ -483,6 +521,20 @@ class ReplicaSet:
         mask = np.zeros(self.n_replicas, dtype=bool)
         mask[self._indices(replicas)] = True
         return mask
+
+
+def maxwell_boltzmann(masses: np.ndarray, n_replicas: int, temperature: float, seed: int) -> np.ndarray:
+    """[R, N, 3] velocities (Å/fs) of ``n_replicas`` replicas of atoms of ``masses`` [N] amu drawn at
+    ``temperature`` K from ``seed``, each replica's centre of mass at rest. Replica r's draw does not depend
+    on how many replicas follow it, so a block of a larger draw is a valid start for part of the replicas."""
+    masses = np.asarray(masses, dtype=np.float64)
+    rng = np.random.default_rng(openmm_seed(seed, 7))
+    sigma = np.sqrt(KB_KJ_PER_MOL_K * temperature / masses)[None, :, None]  # nm/ps
+    velocities = rng.standard_normal((int(n_replicas), len(masses), 3)) * sigma
+    if len(masses) > 1:
+        com = (velocities * masses[None, :, None]).sum(axis=1, keepdims=True) / masses.sum()
+        velocities -= com
+    return velocities / ANGSTROM_PER_FS_IN_NM_PER_PS
 
 
 def _finite(values: np.ndarray, shape: tuple, name: str) -> np.ndarray:

@@ -1,4 +1,11 @@
-"""Trajectories MDTraj reads (one DCD per replica plus a topology PDB) and a per-replica state log.
+"""Reporters of a replica set, and the files they write: DCD trajectories MDTraj reads, a state log.
+
+A reporter is what OpenMM's ``Simulation`` reporters are for one Context: the run loop
+(:meth:`openmm_bridge.replicas.ReplicaSet.run`) asks each one how many steps remain until it
+wants the next frames (``steps_to_next``, OpenMM's ``describeNextReport``), stops there, and
+hands it the frames (``report``). The loop knows nothing about what is recorded; a stability
+monitor, an observable sampler and a trajectory writer are all reporters
+(:mod:`stable_md.reporting` has the ones that need criteria or observables).
 
 A replica's trajectory stops at its last frame before it was frozen, so that every
 frame in a file is a frame of a running simulation; the state log records when and
@@ -10,13 +17,116 @@ import csv
 import os
 import struct
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import openmm
 from openmm import app, unit
 
 from stable_md.units import NM_IN_ANGSTROM, PS_IN_FS
+
+if TYPE_CHECKING:
+    from openmm_bridge.replicas import ReplicaFrames, ReplicaSet
+
+
+class Reporter:
+    """Something that wants the replicas' frames now and then.
+
+    Subclasses implement :meth:`report` and either set ``interval`` (a report whenever the
+    step counter is a multiple of it) or override :meth:`steps_to_next`.
+    """
+
+    interval: int = 1
+
+    def __init__(self, interval: int) -> None:
+        if int(interval) != interval or interval < 1:
+            raise ValueError(f"a reporter's interval must be a positive number of steps, got {interval}")
+        self.interval = int(interval)
+
+    def steps_to_next(self, step: int) -> Optional[int]:
+        """Steps from ``step`` until the next report (>= 1); ``None``: no more reports."""
+        return self.interval - step % self.interval
+
+    def report(self, replicas: "ReplicaSet", frames: "ReplicaFrames") -> None:
+        raise NotImplementedError
+
+
+class CallbackReporter(Reporter):
+    """``callback(frames)`` every ``interval`` steps; replica indices it returns are frozen."""
+
+    def __init__(self, callback: Callable[["ReplicaFrames"], Optional[Iterable[int]]], interval: int) -> None:
+        super().__init__(interval)
+        self.callback = callback
+
+    def report(self, replicas: "ReplicaSet", frames: "ReplicaFrames") -> None:
+        verdict = self.callback(frames)
+        if verdict is not None:
+            replicas.freeze(verdict)
+
+
+class TrajectoryReporter(Reporter):
+    """Appends the running replicas' positions to their DCD files (a :class:`TrajectoryWriter`)."""
+
+    def __init__(self, writer: "TrajectoryWriter", interval: int) -> None:
+        super().__init__(interval)
+        self.writer = writer
+
+    def report(self, replicas: "ReplicaSet", frames: "ReplicaFrames") -> None:
+        self.writer.write(frames.positions, frames.running)
+
+
+class StateLogReporter(Reporter):
+    """One state-log row per replica per report, with each replica's status as it is after the reporters
+    before this one; also keeps each replica's mean temperature over its running frames."""
+
+    def __init__(self, log: "StateLog", interval: int, n_replicas: int) -> None:
+        super().__init__(interval)
+        self.log = log
+        self.temperature_sum = np.zeros(n_replicas)
+        self.temperature_count = np.zeros(n_replicas, dtype=np.int64)
+
+    def report(self, replicas: "ReplicaSet", frames: "ReplicaFrames") -> None:
+        self.log.write(frames, replica_status(replicas))
+        measured = np.isfinite(frames.temperature)
+        self.temperature_sum[measured] += frames.temperature[measured]
+        self.temperature_count[measured] += 1
+
+    def mean_temperatures(self) -> list[Optional[float]]:
+        """[R] mean temperature in K over each replica's reported running frames (None: no frame)."""
+        return [float(total / count) if count else None
+                for total, count in zip(self.temperature_sum, self.temperature_count)]
+
+
+class VelocityRecorder(Reporter):
+    """The velocities [R, N, 3] Å/fs of every step of the first ``n_steps`` steps (for a VACF).
+
+    ``stable`` holds, at the last recorded step, which replicas had not been found unstable
+    (put this reporter after a stability monitor so that a replica failing on that step is excluded).
+    """
+
+    def __init__(self, n_steps: int) -> None:
+        super().__init__(1)
+        self.n_steps = int(n_steps)
+        self.velocities: list[np.ndarray] = []
+        self.stable: Optional[np.ndarray] = None
+
+    def steps_to_next(self, step: int) -> Optional[int]:
+        return 1 if len(self.velocities) < self.n_steps else None
+
+    def report(self, replicas: "ReplicaSet", frames: "ReplicaFrames") -> None:
+        self.velocities.append(frames.velocities)
+        self.stable = ~replicas.unstable
+
+    def stacked(self) -> np.ndarray:
+        """[R, T, N, 3] velocities of the recorded steps."""
+        return np.stack(self.velocities, axis=1)
+
+
+def replica_status(replicas: "ReplicaSet") -> list[str]:
+    """``unstable``, ``frozen`` or ``running`` for every replica."""
+    return ["unstable" if replicas.unstable[r] else ("frozen" if replicas.frozen[r] else "running")
+            for r in range(replicas.n_replicas)]
+
 
 TOPOLOGY_NAME = "topology.pdb"
 STATE_LOG_NAME = "state.csv"
@@ -166,7 +276,7 @@ def truncate_state_log(path: str | os.PathLike, last_step: int) -> None:
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
     kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
-    from stable_md.potentials.model_file import atomic_write
+    from stable_md.files import atomic_write
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:

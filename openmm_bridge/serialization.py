@@ -23,7 +23,7 @@ from pathlib import Path
 
 import openmm
 
-from stable_md.potentials.model_file import atomic_write
+from stable_md.files import atomic_write
 
 
 def save_system(system: openmm.System, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -4,19 +4,58 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from openmm_bridge.md_settings import INTEGRATORS, MODES, PLATFORMS, MDSettings
 from stable_md import __version__
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ImportError,
                KeyError)
 
 
-PLATFORMS = ["CPU", "Reference", "CUDA", "OpenCL"]
+# simulate's MD: a Langevin run at room temperature; refine and evaluate use MDSettings' defaults (the paper's
+# Nosé-Hoover at 500 K)
+SIMULATE_MD = MDSettings(integrator="langevin", temperature=300.0)
+_INTEGRATOR_HELP = {"nose-hoover": "nose-hoover (one chain per replica, as the paper)",
+                    "langevin": "langevin (LangevinMiddle)", "verlet": "verlet (NVE)"}
+
+
+def _add_md_options(p: argparse.ArgumentParser, defaults: MDSettings, integrators: Sequence[str], seed_help: str,
+                    device: bool = False) -> None:
+    """The MD options of simulate, refine and evaluate: one list of names (the fields of MDSettings)."""
+    p.add_argument("--temperature", type=_positive_float, default=defaults.temperature,
+                   help=f"K (default: {defaults.temperature:g})")
+    p.add_argument("--timestep", type=_positive_float, default=defaults.timestep,
+                   help=f"fs (default: {defaults.timestep:g})")
+    p.add_argument("--integrator", choices=list(integrators), default=defaults.integrator,
+                   help=", ".join(_INTEGRATOR_HELP[name] for name in integrators)
+                        + f"; default: {defaults.integrator}")
+    p.add_argument("--friction", type=_positive_float, default=defaults.friction,
+                   help=f"Langevin friction, 1/ps (default: {defaults.friction:g})")
+    p.add_argument("--collision-frequency", type=_positive_float, default=defaults.collision_frequency,
+                   help=f"Nosé-Hoover collision frequency, 1/ps (default: {defaults.collision_frequency:g})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"{seed_help} (default: {defaults.seed})")
+    p.add_argument("--mode", choices=list(MODES), default=defaults.mode,
+                   help="batched: all replicas in one OpenMM Context, the model called once for all (default); "
+                        "per-replica: one Context each")
+    p.add_argument("--platform", default=defaults.platform, choices=list(PLATFORMS),
+                   help=f"OpenMM platform for integration (default: {defaults.platform}, one thread; the model "
+                        f"runs in torch)")
+    if device:
+        p.add_argument("--device", default=defaults.device,
+                       help=f"torch device of the model: cpu, cuda, cuda:N (default: {defaults.device})")
+
+
+def _md_settings(args: argparse.Namespace) -> MDSettings:
+    """The MDSettings the MD options of ``args`` give."""
+    return MDSettings(integrator=args.integrator, temperature=args.temperature, timestep=args.timestep,
+                      friction=args.friction, collision_frequency=args.collision_frequency, seed=args.seed,
+                      platform=args.platform, mode=args.mode, device=getattr(args, "device", "cpu"))
 
 
 def _add_run_options(p: argparse.ArgumentParser, overwrite_help: str, resume_help: str) -> None:
@@ -218,16 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "spread evenly over it")
     p.add_argument("-o", "--output", required=True, help="run directory to write")
     p.add_argument("--replicas", type=_positive_int, default=32, help="number of replicas (default: 32)")
-    p.add_argument("--temperature", type=_positive_float, default=300.0, help="K (default: 300)")
-    p.add_argument("--timestep", type=_positive_float, default=0.5, help="fs (default: 0.5)")
+    _add_md_options(p, SIMULATE_MD, INTEGRATORS, "seed of velocities and Langevin noise", device=True)
     p.add_argument("--time", default="10ps",
                    help="simulated time per replica, e.g. 10ps, 500fs, 1ns; a bare number is ps (default: 10ps)")
-    p.add_argument("--integrator", choices=["langevin", "nose-hoover", "verlet"], default="langevin",
-                   help="langevin (LangevinMiddle), nose-hoover (one chain per replica) or verlet (NVE); "
-                        "default: langevin")
-    p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
-    p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
-                   help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
     p.add_argument("--check-every", type=_positive_int, default=100,
                    help="steps between stability checks, trajectory frames and state-log rows (default: 100)")
     _add_deprecated_spelling(p, "--frame-interval", "--check-every", _positive_int)
@@ -238,15 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest bond-length deviation in Å before a replica counts as unstable (default: 0.5, "
                         "the paper's evaluation threshold)")
     _add_deprecated_spelling(p, "--bond-threshold", "--threshold", _positive_float)
-    p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise (default: 0)")
-    p.add_argument("--mode", choices=["batched", "per-replica"], default="batched",
-                   help="batched: all replicas in one Context, evaluated as one batch (default); "
-                        "per-replica: one Context each")
     p.add_argument("--force", choices=["python", "torch"], default="python",
                    help="python: openmm.PythonForce (default); torch: openmmtorch.TorchForce")
-    p.add_argument("--platform", default="CPU", choices=PLATFORMS,
-                   help="OpenMM platform for integration (default: CPU, one thread; the model runs in torch)")
-    p.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
     p.add_argument("--energy-key", default="energy", help="energy key for --data extended XYZ")
     p.add_argument("--forces-key", default="forces", help="forces key for --data extended XYZ")
     _add_run_options(p, "replace an earlier run in the output directory",
@@ -288,13 +313,13 @@ def _add_refine_parser(commands) -> None:
                         "observables hold (default: 0.3)")
     _add_criterion_options(p, "training", "instability criterion")
     p.add_argument("--replicas", type=_positive_int, default=32, help="parallel replicas R (default: 32)")
-    p.add_argument("--temperature", type=_positive_float, default=500.0, help="K (default: 500)")
-    p.add_argument("--timestep", type=_positive_float, default=0.5, help="fs (default: 0.5)")
-    p.add_argument("--integrator", choices=["nose-hoover", "langevin"], default="nose-hoover",
-                   help="thermostat (default: nose-hoover, as the paper)")
-    p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
-                   help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
-    p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="processes to split the replicas over, one core each (default: 1); the estimator's "
+                        "sums and the gradient are shared over torch.distributed (gloo). For several nodes "
+                        "or GPUs start the ranks with torchrun instead: torchrun --nproc-per-node N -m "
+                        "stable_md.cli refine ...")
+    _add_md_options(p, MDSettings(), ("nose-hoover", "langevin"), "seed of velocities, the held-out frames and "
+                                                                  "data minibatches")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=1000,
                    help="t: MD steps per epoch of either phase (default: 1000)")
     p.add_argument("--sample-every", type=_positive_int, default=10,
@@ -340,8 +365,6 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--holdout-fraction", type=_fraction, default=0.1,
                    help="with --train-frames auto and a model not pretrained on --data: fraction of the frames "
                         "held out (random, --seed) for the before/after error report (default: 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of velocities and data minibatches (default: 0)")
-    p.add_argument("--platform", default="CPU", choices=PLATFORMS, help="OpenMM platform (default: CPU)")
     _add_run_options(p, "replace an earlier output and run directory",
                      "continue an interrupted run from its checkpoint")
     p.set_defaults(func=_refine)
@@ -368,18 +391,12 @@ def _add_evaluate_parser(commands) -> None:
                    help="name of each model in tables and plots, in order (default: file names)")
     p.add_argument("--units", default=None, help="energy unit of --data (default: eV for xyz, kcal/mol for .npz)")
     p.add_argument("--replicas", type=_positive_int, default=64, help="replicas per model (default: 64)")
-    p.add_argument("--temperature", type=_positive_float, default=500.0, help="K (default: 500)")
+    _add_md_options(p, MDSettings(), INTEGRATORS, "seed of the initial velocities and of the bootstrap intervals")
     p.add_argument("--data-temperature", type=_positive_float, default=None,
                    help="temperature (K) the data were sampled at; when it differs from --temperature the "
                         "reference is Boltzmann-reweighted (default: assume the data are at --temperature)")
     p.add_argument("--time", default="10ps", help="maximum simulated time per replica, e.g. 10ps, 300ps (default: "
                                                   "10ps; the paper used 300ps)")
-    p.add_argument("--timestep", type=_positive_float, default=0.5, help="fs (default: 0.5)")
-    p.add_argument("--integrator", choices=["nose-hoover", "langevin", "verlet"], default="nose-hoover",
-                   help="default: nose-hoover, as the paper")
-    p.add_argument("--collision-frequency", type=_positive_float, default=10.0,
-                   help="Nosé-Hoover collision frequency, 1/ps (default: 10)")
-    p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
     _add_criterion_options(p, "evaluation", "stability criterion")
     p.add_argument("--check-every", type=_positive_int, default=100,
                    help="steps between stability checks and observable samples (default: 100)")
@@ -391,11 +408,9 @@ def _add_evaluate_parser(commands) -> None:
                    help="held-out data frames for the energy/force MAE (default: 1000)")
     p.add_argument("--vacf-window", type=int, default=100,
                    help="steps recorded at every step at the start for the VACF (default: 100; 0: no VACF)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (default: 0)")
     p.add_argument("--jobs", type=_positive_int, default=1,
                    help="models evaluated at once, one process and one thread each (default: 1; use the number "
                         "of cores)")
-    p.add_argument("--platform", default="CPU", choices=PLATFORMS, help="OpenMM platform (default: CPU)")
     _add_run_options(p, "replace an earlier evaluation in the output directory",
                      "finish an interrupted evaluation, skipping models done")
     p.set_defaults(func=_evaluate)
@@ -561,15 +576,13 @@ def _simulate(args: argparse.Namespace) -> int:
         energy_key=args.energy_key, forces_key=args.forces_key)
     settings = SimulationSettings(
         model=str(Path(args.model).resolve()), n_replicas=args.replicas, numbers=[int(z) for z in numbers],
-        integrator=args.integrator, temperature=args.temperature, timestep=args.timestep, total_time=total_time,
-        friction=args.friction, collision_frequency=args.collision_frequency, seed=args.seed,
-        frame_interval=args.check_every, mode=args.mode, backend=args.force, platform=args.platform,
+        md=_md_settings(args), total_time=total_time, frame_interval=args.check_every, backend=args.force,
         periodic=cell is not None, stability=args.stability, bond_threshold=args.threshold)
     print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
           f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
           f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {args.platform}")
     summary = run_simulation(settings, starts, args.output, cell=cell, overwrite=args.overwrite,
-                             resume=args.resume, progress=not args.no_progress, device=args.device,
+                             resume=args.resume, progress=not args.no_progress,
                              reference_positions=reference)
     rate = summary["replica_steps_per_second"]
     print(f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
@@ -586,9 +599,17 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _refine(args: argparse.Namespace) -> int:
+    from stable_md.distributed import join_from_environment, started_by_torchrun
     from stable_md.refinement import RefineSettings, refine
     from stable_md.units import parse_time_fs
 
+    if started_by_torchrun():
+        if args.nproc != 1:
+            raise ValueError("--nproc is for local processes started by stable-md; under torchrun the ranks are "
+                             "torchrun's (--nproc-per-node), so leave --nproc out")
+        group = join_from_environment()
+        if not group.main:  # rank 0 speaks for all
+            sys.stdout = open(os.devnull, "w")
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume exclude each other")
     model = Path(args.model)
@@ -597,8 +618,7 @@ def _refine(args: argparse.Namespace) -> int:
     settings = RefineSettings(
         observables=observables, observable_weights=args.obs_weight or ["auto"],
         observable_share=args.obs_share, holdout_fraction=args.holdout_fraction, criterion=args.criterion,
-        threshold=args.threshold, n_replicas=args.replicas, temperature=args.temperature, timestep=args.timestep,
-        integrator=args.integrator, collision_frequency=args.collision_frequency, friction=args.friction,
+        threshold=args.threshold, n_replicas=args.replicas, md=_md_settings(args),
         steps_per_epoch=args.steps_per_epoch, sample_every=args.sample_every, check_every=args.check_every,
         f_max=args.f_max, f_min=args.f_min, simulation_patience=args.simulation_patience or None,
         learning_patience=args.learning_patience or None,
@@ -608,13 +628,16 @@ def _refine(args: argparse.Namespace) -> int:
         clip_grad=args.clip_grad, max_cycles=args.max_cycles, max_epochs=args.max_epochs,
         max_simulation_time=parse_time_fs(args.max_sim_time),
         max_wall_time=None if args.max_time is None else 60.0 * args.max_time,
-        train_frames=args.train_frames, seed=args.seed, platform=args.platform)
+        train_frames=args.train_frames)
+    ranks = "" if args.nproc == 1 else f" over {args.nproc} processes"
     print(f"stable-md refine: {model} on {args.data}; observables {', '.join(observables)}; "
-          f"{settings.criterion} criterion at {settings.threshold:g} Å; {settings.n_replicas} replicas at "
-          f"{settings.temperature:g} K, t = {settings.steps_per_epoch} steps of {settings.timestep:g} fs")
+          f"{settings.criterion} criterion at {settings.threshold:g} Å; {settings.n_replicas} replicas{ranks} at "
+          f"{settings.md.temperature:g} K, t = {settings.steps_per_epoch} steps of {settings.md.timestep:g} fs")
     result = refine(model, args.data, output, settings, run_directory=args.run_dir, overwrite=args.overwrite,
                     resume=args.resume, progress=not args.no_progress,
-                    announce=lambda line: print(line, flush=True))
+                    announce=lambda line: print(line, flush=True), nproc=args.nproc)
+    if not result.summary:  # a torchrun rank other than 0
+        return 0
     summary = result.summary
     print(summary["message"])
     if summary["observable_weights"] is not None:
@@ -641,7 +664,7 @@ def _refine(args: argparse.Namespace) -> int:
         # Refine's own numbers come from the replicas it trained on; held-out stability needs evaluate.
         print(f"to compare stability on held-out starts: stable-md evaluate {shlex.quote(str(model))} "
               f"{shlex.quote(str(result.output))} --label before --label refined --data {shlex.quote(str(args.data))} "
-              f"--temperature {settings.temperature:g} -o {shlex.quote(str(Path(result.output).with_suffix('')) + '.evaluation')}")
+              f"--temperature {settings.md.temperature:g} -o {shlex.quote(str(Path(result.output).with_suffix('')) + '.evaluation')}")
     stopped = summary["stopped_by"]
     return 0 if stopped in ("cycles", "epochs", "wall time", "simulation time") else 1
 
@@ -656,14 +679,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, units=args.units)
     observable = args.obs or ("rdf" if data.periodic else "hr")
     settings = EvaluateSettings(
-        n_replicas=args.replicas, temperature=args.temperature, timestep=args.timestep,
-        total_time=parse_time_fs(args.time), integrator=args.integrator,
-        collision_frequency=args.collision_frequency, friction=args.friction, criterion=args.criterion,
-        threshold=args.threshold, check_every=args.check_every, observable=observable, seed=args.seed,
+        n_replicas=args.replicas, md=_md_settings(args), total_time=parse_time_fs(args.time),
+        criterion=args.criterion, threshold=args.threshold, check_every=args.check_every, observable=observable,
         data_temperature=args.data_temperature, error_frames=args.error_frames, vacf_window=args.vacf_window,
-        rdf_window=args.rdf_window, platform=args.platform)
+        rdf_window=args.rdf_window)
     print(f"stable-md evaluate: {len(args.models)} model(s), {settings.n_replicas} replicas each from held-out frames "
-          f"of {data.source}; {settings.integrator} at {settings.temperature:g} K for up to "
+          f"of {data.source}; {settings.md.integrator} at {settings.md.temperature:g} K for up to "
           f"{settings.total_time / 1000:g} ps; {settings.criterion} criterion at {settings.threshold:g} Å")
     report = evaluate(args.models, data, args.output, settings, labels=args.label, jobs=args.jobs,
                       overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
@@ -699,7 +720,7 @@ def _data_xtb(args: argparse.Namespace) -> int:
 
 def _data_water(args: argparse.Namespace) -> int:
     try:
-        from openmm_bridge.water import run_water_md
+        from stable_md.refdata.water_md import run_water_md
     except ImportError as error:
         raise ImportError(f"data water needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
 

@@ -144,7 +144,7 @@ class Dataset:
         """Write the frames as extended XYZ with energies and forces (eV, eV/Å), atomically."""
         from ase.io import write
 
-        from stable_md.potentials.model_file import atomic_write
+        from stable_md.files import atomic_write
 
         path = Path(path)
         if path.exists() and not overwrite:
@@ -160,7 +160,7 @@ class Dataset:
         so that :func:`load_dataset` reads it with its ``.npz`` default units. float32
         keeps positions to about 1e-6 Å and forces to about 1e-6 relative.
         """
-        from stable_md.potentials.model_file import atomic_write
+        from stable_md.files import atomic_write
 
         path = Path(path)
         if path.suffix != ".npz":

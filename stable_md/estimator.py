@@ -22,7 +22,7 @@ meaning whatever the temperature.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,21 +60,28 @@ class EstimatorResult:
     weights: np.ndarray = field(repr=False)
 
 
-def boltzmann_weights(values: Tensor, reference: Tensor, temperature: float) -> tuple[Tensor, float, Tensor]:
+def boltzmann_weights(values: Tensor, reference: Tensor, temperature: float,
+                      reduce: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, float, Tensor]:
     """Per-sample weights ``[N]`` (1/eV), the loss ||ĝ − g_ref||² and ĝ, for values ``[N, K]``.
 
-    ∇θ L = ∇θ Σ_i w_i U_i with U in eV and ``temperature`` in K.
+    ∇θ L = ∇θ Σ_i w_i U_i with U in eV and ``temperature`` in K. With samples spread over
+    several processes, ``reduce`` sums a tensor over them: N and ĝ are then those of all
+    samples, and the weights returned are this process's part.
     """
     values = torch.as_tensor(values, dtype=torch.float64)
     if values.dim() != 2:
         raise ValueError(f"observable values must be [samples, K], got shape {tuple(values.shape)}")
-    n = values.shape[0]
-    if n < 2:
-        raise ValueError("the Boltzmann estimator needs at least two samples")
     reference = torch.as_tensor(reference, dtype=torch.float64).reshape(-1)
     if reference.shape[0] != values.shape[1]:
         raise ValueError(f"reference has {reference.shape[0]} entries, the observable {values.shape[1]}")
-    mean = values.mean(dim=0)
+    if reduce is None:
+        n = values.shape[0]
+    else:
+        shared = reduce(torch.cat([torch.tensor([float(values.shape[0])], dtype=torch.float64), values.sum(dim=0)]))
+        n = int(round(float(shared[0])))
+    if n < 2:
+        raise ValueError("the Boltzmann estimator needs at least two samples")
+    mean = values.mean(dim=0) if reduce is None else shared[1:] / n
     difference = mean - reference
     weights = -2.0 * ((values - mean) @ difference) / (kT_eV(temperature) * (n - 1))
     return weights, float(difference.pow(2).sum()), mean
@@ -115,7 +122,8 @@ def _frames(positions, cells) -> tuple[Tensor, Optional[Tensor]]:
 
 
 def boltzmann_gradient(model: nn.Module, positions, numbers, terms: Sequence[ObservableTerm], temperature: float,
-                       cells=None, batch_size: int = DEFAULT_BATCH_SIZE) -> EstimatorResult:
+                       cells=None, batch_size: int = DEFAULT_BATCH_SIZE,
+                       reduce: Optional[Callable[[Tensor], Tensor]] = None) -> EstimatorResult:
     """Accumulate the Boltzmann-estimator gradient of Σ_t weight_t ||ĝ_t − g_ref,t||² into ``model``'s ``.grad``.
 
     Parameters
@@ -130,6 +138,10 @@ def boltzmann_gradient(model: nn.Module, positions, numbers, terms: Sequence[Obs
         ``[3, 3]`` or ``[F, 3, 3]`` Å for periodic systems.
     batch_size:
         Frames per forward/backward (memory only; the result does not depend on it).
+    reduce:
+        Sums a tensor over the processes that hold the other samples (:mod:`stable_md.distributed`):
+        the weights then use the mean over all samples, and the gradient left in ``.grad`` is this
+        process's part, to be summed over the processes. ``None``: these are all the samples.
     """
     if not terms:
         raise ValueError("at least one observable is needed")
@@ -139,8 +151,11 @@ def boltzmann_gradient(model: nn.Module, positions, numbers, terms: Sequence[Obs
     losses, means, loss = {}, {}, 0.0
     with torch.no_grad():
         for term in terms:
-            values = term.observable(positions, cells)
-            weights, term_loss, mean = boltzmann_weights(values, term.reference, temperature)
+            if positions.shape[0]:
+                values = term.observable(positions, cells)
+            else:  # a process whose replicas gave no samples this time still takes part in the sums
+                values = torch.zeros((0, term.reference.shape[0]), dtype=torch.float64)
+            weights, term_loss, mean = boltzmann_weights(values, term.reference, temperature, reduce)
             total += term.weight * weights
             losses[term.observable.name] = term_loss
             means[term.observable.name] = mean.numpy()

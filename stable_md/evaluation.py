@@ -31,18 +31,20 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from openmm_bridge.md_settings import MDSettings, flat_record
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.observables import (Observable, binned_observables, diffusion_coefficient, make_observable,
                                    mean_squared_displacement, reference_frames, velocity_autocorrelation)
 from stable_md.potentials.base import check_finite_predictions
-from stable_md.potentials.model_file import file_sha256, load_model, read_metadata, write_json
+from stable_md.files import file_sha256, write_json
+from stable_md.potentials.model_file import load_model, read_metadata
 from stable_md.reweighting import temperature_weights
 from stable_md.stability import BondGraph, Criterion, CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.structures import spread_indices
@@ -61,48 +63,42 @@ class EvaluateSettings:
     """How models are evaluated. Units: K, fs, 1/ps, Å; intervals in MD steps."""
 
     n_replicas: int = 64
-    temperature: float = 500.0
-    timestep: float = 0.5
+    md: MDSettings = field(default_factory=MDSettings)
     total_time: float = 10_000.0
-    integrator: str = "nose-hoover"
-    collision_frequency: float = 10.0
-    friction: float = 1.0
     criterion: str = "bond"
     threshold: Optional[float] = None
     check_every: int = 100
     observable: str = "hr"
-    seed: int = 0
     data_temperature: Optional[float] = None
     error_frames: int = 1000
     vacf_window: int = 100
     rdf_window: int = 20
-    platform: str = "CPU"
 
     def __post_init__(self) -> None:
+        if isinstance(self.md, dict):  # as read back from a report
+            self.md = MDSettings.from_dict(self.md)
         if self.observable not in binned_observables():
             raise ValueError(f"evaluate compares the observables {binned_observables()}, got {self.observable!r}")
         default = default_threshold(self.criterion)  # raises, naming the criteria, for an unknown one
         if self.threshold is None:
             self.threshold = default
-        if self.integrator not in ("nose-hoover", "langevin", "verlet"):
-            raise ValueError(f"unknown integrator {self.integrator!r}; expected nose-hoover, langevin or verlet")
         for name in ("n_replicas", "check_every", "error_frames", "rdf_window"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.vacf_window < 0:
             raise ValueError(f"vacf_window must be >= 0 steps (0: no VACF), got {self.vacf_window}")
-        for name in ("temperature", "timestep", "total_time", "threshold"):
+        for name in ("total_time", "threshold"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.data_temperature is not None and not self.data_temperature > 0:
             raise ValueError(f"data_temperature must be positive (K), got {self.data_temperature}")
-        if self.total_time < self.check_every * self.timestep:
+        if self.total_time < self.check_every * self.md.timestep:
             raise ValueError(f"the evaluation time ({self.total_time:g} fs) is shorter than one stability check "
-                             f"interval ({self.check_every} steps of {self.timestep:g} fs)")
+                             f"interval ({self.check_every} steps of {self.md.timestep:g} fs)")
 
     @property
     def n_steps(self) -> int:
-        return int(round(self.total_time / self.timestep))
+        return int(round(self.total_time / self.md.timestep))
 
 
 @dataclass
@@ -151,15 +147,15 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                              f"numbers {missing}; the model knows {sorted(meta['species'])})")
     from openmm_bridge.engines import make_platform
 
-    make_platform(settings.platform)  # an unavailable platform is named before anything is written
+    make_platform(settings.md.platform)  # an unavailable platform is named before anything is written
     directory = Path(output)
     earlier = _prepare(directory, overwrite, resume)
 
     held_out, overlap_note = _held_out_frames(dataset, metadata.values())
     cell = None if dataset.cells is None else dataset.cells[0]
     reweighting = None
-    if settings.data_temperature is not None and not math.isclose(settings.data_temperature, settings.temperature):
-        reweighting = temperature_weights(dataset.energies, settings.data_temperature, settings.temperature)
+    if settings.data_temperature is not None and not math.isclose(settings.data_temperature, settings.md.temperature):
+        reweighting = temperature_weights(dataset.energies, settings.data_temperature, settings.md.temperature)
     weights = None if reweighting is None else reweighting.weights
     bonds = detect_bonds(dataset.numbers, reference_frames(dataset), cell)
     criterion = _criterion(settings, bonds, cell, dataset, weights)
@@ -177,7 +173,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
         "start_frames": [int(dataset.indices[i]) for i in start_indices],
         "error_frames": int(len(error_data)),
         "observable": observable.describe(),
-        "reference": {"temperature_K": settings.temperature,
+        "reference": {"temperature_K": settings.md.temperature,
                       "data_temperature_K": settings.data_temperature,
                       "reweighting": None if reweighting is None else reweighting.describe()},
         "bonds": int(len(bonds.pairs)),
@@ -190,11 +186,11 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     finished = {}
     if resume:
         # all checked before the plan is rewritten, so a refused resume leaves the earlier evaluation as it was
-        _check_same_plan(directory, plan, asdict(settings))
+        _check_same_plan(directory, plan, flat_record(settings))
         finished = {label: _load_result(directory, label, settings, model, hashes[model])
                     for model, label in zip(models, labels)}
     _clear(directory, earlier)
-    write_json(directory / "plan.json", {"settings": asdict(settings), **plan})
+    write_json(directory / "plan.json", {"settings": flat_record(settings), **plan})
     pending = [_ModelJob(model=model, model_sha256=hashes[model], label=label, settings=settings,
                          numbers=dataset.numbers, starts=starts, cell=cell, criterion=copy.deepcopy(criterion),
                          observable=observable, observable_reference=reference, error_data=error_data,
@@ -204,7 +200,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     # results finished before this run were checked above; only the ones just written are read here
     results = [finished.get(label) or _load_result(directory, label, settings, model, hashes[model])
                for model, label in zip(models, labels)]
-    report = {"settings": asdict(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
+    report = {"settings": flat_record(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
                                                                          "values": reference.tolist()},
               "models": results, "comparisons": survival_statistics(results, settings)}
     report["figures"] = [str(p) for p in _figures(report, observable, directory)]
@@ -223,15 +219,15 @@ def survival_statistics(results: list[dict], settings: EvaluateSettings) -> list
     Computed from the stored stable times, so results resumed from disk get them too;
     the bootstrap seed is the evaluation's, so a report is reproducible.
     """
-    cap = settings.n_steps * settings.timestep / 1000.0
+    cap = settings.n_steps * settings.md.timestep / 1000.0
     samples = [survival_sample(r) for r in results]
     for result, (times, events) in zip(results, samples):
-        result["survival"] = summarize(times, events, cap, seed=settings.seed).to_json()
+        result["survival"] = summarize(times, events, cap, seed=settings.md.seed).to_json()
         median = result["survival"]["median_ps"]
         result["median_stable_time_ps"] = cap if median is None else median  # None: beyond the cap
         result["median_censored"] = result["survival"]["median_censored"]
     return [{"label": result["label"], "baseline": results[0]["label"],
-             **compare(samples[0], pair, cap, seed=settings.seed)}
+             **compare(samples[0], pair, cap, seed=settings.md.seed)}
             for result, pair in zip(results[1:], samples[1:])]
 
 
@@ -439,92 +435,60 @@ def _evaluate_model(job: _ModelJob) -> str:
 
     limit_threads()
     from openmm_bridge.replicas import ReplicaSet
+    from openmm_bridge.reporters import VelocityRecorder
     from stable_md.pretrain import prediction_errors
+    from stable_md.reporting import DisplacementRecorder, ObservableAverager, StabilityMonitor
 
     s = job.settings
     started = time.perf_counter()
     model = load_model(job.model)
     errors = prediction_errors(model.module, job.error_data)
     criterion, observable = job.criterion, job.observable
-    replicas = ReplicaSet(model, job.numbers, job.starts, cell=job.cell, integrator=s.integrator,
-                          temperature=s.temperature, timestep=s.timestep, friction=s.friction,
-                          collision_frequency=s.collision_frequency, seed=s.seed, platform=s.platform,
-                          check_interval=min(s.check_every, 50))
+    replicas = ReplicaSet.from_settings(model, job.numbers, job.starts, s.md, cell=job.cell,
+                                        check_interval=min(s.check_every, 50))
     n_replicas = len(job.starts)
-    observable_sum = np.zeros(len(job.observable_reference))
-    observable_count = 0
-    samples_per_replica = np.zeros(n_replicas, dtype=np.int64)
-    periodic = job.cell is not None
-    heavy = np.flatnonzero(job.numbers > 1) if (job.numbers > 1).any() else np.arange(len(job.numbers))
-    unwrapped: list[np.ndarray] = []
-    last_positions = [None]
-
-    def check(frames, sample: bool = True) -> None:
-        nonlocal observable_sum, observable_count
-        positions = frames.positions
-        running = frames.running.copy()
-        broken = np.flatnonzero(criterion(positions) & running)
-        if len(broken):
-            replicas.mark_unstable(broken, criterion.reasons(positions, broken))
-        passing = running & ~replicas.unstable
-        if passing.any():
-            if sample:
-                values = observable(positions[passing], job.cell).numpy()
-                observable_sum += values.sum(axis=0)
-                observable_count += len(values)
-            samples_per_replica[passing] += 1
-        if periodic:
-            if last_positions[0] is None:
-                unwrapped.append(positions[:, heavy].copy())
-            else:
-                step = positions[:, heavy] - last_positions[0]
-                fractional = step @ np.linalg.inv(job.cell)
-                step = (fractional - np.round(fractional)) @ job.cell
-                unwrapped.append(unwrapped[-1] + step)
-            last_positions[0] = positions[:, heavy].copy()
-
+    # Order matters: the sampler and the recorders after the monitor skip the replicas it has just stopped.
+    monitor = StabilityMonitor(criterion, s.check_every)
+    averager = ObservableAverager(observable, s.check_every, job.cell)
+    velocities = VelocityRecorder(min(s.vacf_window, s.n_steps))
+    reporters = [monitor, averager, velocities]
+    displacements = None
+    if job.cell is not None:
+        heavy = np.flatnonzero(job.numbers > 1) if (job.numbers > 1).any() else np.arange(len(job.numbers))
+        displacements = DisplacementRecorder(s.check_every, heavy, job.cell, n_replicas)
+        reporters.append(displacements)
     # The starts are data frames, not the model's: they are checked (and are the MSD's origin) but not sampled,
     # so a model none of whose replicas passes a check after t = 0 gets no observable error.
-    check(replicas.frames(), sample=False)
-    vacf = None
-    velocities: list[np.ndarray] = []
+    start = replicas.frames()
+    monitor.check(replicas, start.positions, start.running)
+    if displacements is not None:
+        displacements.record(start.positions, start.running & ~replicas.unstable)
     bar = _bar(job, s.n_steps)
+
+    def advance(steps: int) -> None:
+        if bar is not None:
+            bar.update(steps)
+            bar.set_postfix(unstable=int(replicas.unstable.sum()), refresh=False)
+
     try:
-        # The VACF needs velocities at every step, so its window runs step by step without callbacks.
-        for _ in range(min(s.vacf_window, s.n_steps)):
-            if replicas.frozen.all():
-                break
-            replicas.run(1)
-            velocities.append(replicas.velocities())
-            if bar is not None:
-                bar.update(1)
-            if replicas.step % s.check_every == 0:
-                check(replicas.frames())
-        if velocities:
-            vacf = _vacf(np.stack(velocities, axis=1), ~replicas.unstable, s)
-
-        def advance(steps: int) -> None:
-            if bar is not None:
-                bar.update(steps)
-                bar.set_postfix(unstable=int(replicas.unstable.sum()), refresh=False)
-
-        replicas.run(s.n_steps - replicas.step, callback=check, every=s.check_every, progress=advance)
+        replicas.run(s.n_steps, reporters=reporters, progress=advance)
     finally:
         if bar is not None:
             bar.close()
+    vacf = _vacf(velocities.stacked(), velocities.stable, s) if velocities.velocities else None
     # A replica that never failed ran the whole time (the run only ends early when all have failed).
     stable_steps = np.where(replicas.unstable, replicas.unstable_step, s.n_steps)
-    stable_ps = stable_steps * s.timestep / 1000.0
-    mean_curve = observable_sum / max(observable_count, 1)
+    stable_ps = stable_steps * s.md.timestep / 1000.0
+    mean_curve = averager.mean(len(job.observable_reference))
     width = float(observable.x[1] - observable.x[0])
-    error = float(np.abs(mean_curve - job.observable_reference).sum() * width) if observable_count else None
-    times = np.arange(0, s.n_steps + 1, s.check_every) * s.timestep / 1000.0
+    error = float(np.abs(mean_curve - job.observable_reference).sum() * width) if averager.count else None
+    times = np.arange(0, s.n_steps + 1, s.check_every) * s.md.timestep / 1000.0
     fraction = [float(np.mean(replicas.unstable & (stable_ps <= t + 1e-9))) for t in times]
     result: dict[str, Any] = {
         "label": job.label,
         "model": job.model,
         "model_sha256": job.model_sha256,
-        "settings": asdict(s),
+        "settings": flat_record(s),
         "n_replicas": n_replicas,
         "stable_time_ps": stable_ps.tolist(),
         "unstable": replicas.unstable.tolist(),
@@ -534,10 +498,11 @@ def _evaluate_model(job: _ModelJob) -> str:
         "mean_stable_time_ps": float(stable_ps.mean()),
         "unstable_fraction_curve": {"time_ps": times.tolist(), "fraction": fraction},
         "observable": {"name": observable.name, "x": observable.x.tolist(), "mean": mean_curve.tolist(),
-                       "samples": int(observable_count), "error": error,
+                       "samples": int(averager.count), "error": error,
                        "error_definition": "∫|g − g_ref| dr over the bins (0: identical)"},
         "vacf": vacf,
-        "diffusion": _diffusion(unwrapped, samples_per_replica, s) if periodic else None,
+        "diffusion": (None if displacements is None
+                      else _diffusion(displacements.unwrapped, displacements.stable_frames, s)),
         "errors": errors,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -552,7 +517,7 @@ def _vacf(velocities: np.ndarray, stable: np.ndarray, s: EvaluateSettings) -> Op
     if len(chosen) == 0 or window < 2:
         return None
     curves = np.stack([velocity_autocorrelation(velocities[r], window=window // 2) for r in chosen])
-    lags = np.arange(curves.shape[1]) * s.timestep
+    lags = np.arange(curves.shape[1]) * s.md.timestep
     return {"lag_fs": lags.tolist(), "mean": curves.mean(axis=0).tolist(),
             "std": curves.std(axis=0).tolist(), "replicas": int(len(chosen))}
 
@@ -562,7 +527,7 @@ def _diffusion(unwrapped: list[np.ndarray], samples: np.ndarray, s: EvaluateSett
     if not unwrapped:
         return None
     trajectory = np.stack(unwrapped, axis=1)  # [R, T, heavy, 3]
-    interval = s.check_every * s.timestep
+    interval = s.check_every * s.md.timestep
     values = []
     for r, n_frames in enumerate(samples):
         if n_frames < 10:
@@ -591,7 +556,7 @@ def _load_result(directory: Path, label: str, settings: EvaluateSettings, model:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    different = _differing_settings(result.get("settings", {}), asdict(settings))
+    different = _differing_settings(result.get("settings", {}), flat_record(settings))
     if different:
         raise ValueError(f"cannot resume {directory}: {path.name} was made with other settings "
                          f"({', '.join(different)} differ); use --overwrite")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from stable_md.data import Dataset, data_record, load_dataset
 from stable_md.potentials import Potential, build_metadata, build_potential, energy_and_forces, save_model
-from stable_md.potentials.model_file import atomic_write, read_checkpoint, truncate_jsonl_log
+from stable_md.files import atomic_write, read_checkpoint, truncate_jsonl_log
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

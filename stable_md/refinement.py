@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from openmm_bridge.md_settings import MDSettings, flat_record
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
-from stable_md.potentials.model_file import (ModelFile, json_default, atomic_write, build_metadata, file_sha256,
-                                            load_model, read_checkpoint, save_model, truncate_jsonl_log, write_json)
+from stable_md.files import atomic_write, file_sha256, json_default, read_checkpoint, truncate_jsonl_log, write_json
+from stable_md.potentials.model_file import ModelFile, build_metadata, load_model, save_model
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
 from stable_md.stability import CriterionInputs, default_threshold, detect_bonds, make_criterion
@@ -47,8 +48,9 @@ SETTINGS_NAME = "settings.json"
 SUMMARY_NAME = "summary.json"
 BUDGETS = ("cycles", "epochs", "wall time", "simulation time")
 OPTIMIZERS = ("sgd", "adam")
-# Settings a resumed run must share with the original (budgets may change).
+# Settings a resumed run must share with the original (budgets may change, and the model may move to another device).
 BUDGET_KEYS = ("max_cycles", "max_epochs", "max_simulation_time", "max_wall_time")
+MAY_CHANGE_ON_RESUME = BUDGET_KEYS + ("device",)
 # Where refine's time goes: MD of both phases, the Boltzmann estimator, the energy/force step (with the update).
 TIME_PARTS = ("simulation", "estimator", "energy_force")
 
@@ -97,11 +99,7 @@ class RefineSettings:
     criterion: str = "bond"
     threshold: Optional[float] = None
     n_replicas: int = 32
-    temperature: float = 500.0
-    timestep: float = 0.5
-    integrator: str = "nose-hoover"
-    collision_frequency: float = 10.0
-    friction: float = 1.0
+    md: MDSettings = field(default_factory=MDSettings)
     steps_per_epoch: int = 1000
     sample_every: int = 10
     check_every: int = 50
@@ -126,11 +124,10 @@ class RefineSettings:
     nan_patience: int = 3
     train_frames: str = "auto"
     holdout_fraction: float = 0.1
-    seed: int = 0
-    mode: str = "batched"
-    platform: str = "CPU"
 
     def __post_init__(self) -> None:
+        if isinstance(self.md, dict):  # as read back from settings.json or a model's history
+            self.md = MDSettings.from_dict(self.md)
         self.observables = list(self.observables)
         autos = [w == AUTO for w in self.observable_weights]
         if any(autos) and not all(autos):
@@ -164,8 +161,7 @@ class RefineSettings:
             raise ValueError(f"train_frames must be auto, pretrain or all, got {self.train_frames!r}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
-        positive = {"threshold": self.threshold, "temperature": self.temperature, "timestep": self.timestep,
-                    "lr": self.lr, "lr_decay": self.lr_decay, "max_simulation_time": self.max_simulation_time}
+        positive = {"threshold": self.threshold, "lr": self.lr, "lr_decay": self.lr_decay, "max_simulation_time": self.max_simulation_time}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -226,7 +222,7 @@ def default_run_directory(output: Path) -> Path:
 def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: str | Path,
            settings: Optional[RefineSettings] = None, run_directory: Optional[str | Path] = None,
            overwrite: bool = False, resume: bool = False, progress: bool = True,
-           announce: Optional[Callable[[str], None]] = None) -> RefineResult:
+           announce: Optional[Callable[[str], None]] = None, nproc: int = 1) -> RefineResult:
     """Run StABlE training of ``model`` on ``data`` and write the refined model to ``output``.
 
     Parameters
@@ -245,15 +241,53 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
     announce:
         Called once, before the first simulation, with a line saying which frames serve as starts,
         reference and regularizer and which are held out (the CLI prints it; a run can take hours).
+    nproc:
+        Local processes (ranks) to split the replicas over (:mod:`stable_md.distributed`): each
+        runs R/nproc replicas, its share of the estimator's samples and of the energy/force
+        minibatch, and the sums are shared. A resumed run needs the nproc it was started with.
+        Under torchrun (``torchrun -m stable_md.cli refine ...``) the ranks are torchrun's and
+        ``nproc`` stays 1.
     """
+    from stable_md.distributed import current_group, launch
+
     settings = settings or RefineSettings()
     output = Path(output)
     directory = Path(run_directory) if run_directory is not None else default_run_directory(output)
-    _prepare(output, directory, overwrite, resume)
-    run = _Refinement(model, data, output, directory, settings, resume, progress)
-    if announce is not None:
-        announce(f"frames: {run.frames_note}")
-    return run.execute()
+    group = current_group()
+    if nproc != 1 and group.distributed:
+        raise ValueError(f"--nproc {nproc} cannot be combined with ranks torchrun started ({group.size}); give one")
+    ranks = max(nproc, group.size)
+    if not 1 <= ranks <= settings.n_replicas:
+        raise ValueError(f"--nproc must lie in 1..{settings.n_replicas} (the number of replicas), got {ranks}")
+    if group.main:
+        _prepare(output, directory, overwrite, resume)
+    group.barrier()
+    if isinstance(model, ModelFile):
+        model = model.path
+    arguments = (model, data, output, directory, settings, resume, progress, announce is not None)
+    if nproc == 1:
+        return _refine_on_this_rank(*arguments, announce=announce)
+    outcome = launch(nproc, _refine_on_this_rank, arguments)
+    return RefineResult(model=load_model(output).module, history=outcome["history"], summary=outcome["summary"],
+                        output=output)
+
+
+def _refine_on_this_rank(model, data, output: Path, directory: Path, settings: RefineSettings, resume: bool,
+                         progress: bool, announcing: bool,
+                         announce: Optional[Callable[[str], None]] = None) -> RefineResult | dict:
+    """One rank's part of a refine run (the whole run with one process). A launched rank 0 returns the history
+    and summary (the model is in the output file); the CLI's ``announce`` cannot cross processes, so a launched
+    rank prints the line itself."""
+    from stable_md.distributed import current_group
+
+    group = current_group()
+    run = _Refinement(model, data, output, directory, settings, resume, progress and group.main, group)
+    if announcing and group.main:
+        (announce or (lambda line: print(line, flush=True)))(f"frames: {run.frames_note}")
+    result = run.execute()
+    if announce is None and group.distributed:
+        return {"history": result.history, "summary": result.summary} if group.main else {}
+    return result
 
 
 def _prepare(output: Path, directory: Path, overwrite: bool, resume: bool) -> None:
@@ -280,8 +314,12 @@ class _Refinement:
     """One refine run: the replicas, the optimizer and the loop state, checkpointed every epoch."""
 
     def __init__(self, model, data, output: Path, directory: Path, settings: RefineSettings, resume: bool,
-                 progress: bool) -> None:
+                 progress: bool, group=None) -> None:
+        from stable_md.distributed import SINGLE
+
         self.settings, self.output, self.directory, self.progress = settings, output, directory, progress
+        # this process's share of the replicas; the numbers that steer the run are sums over all ranks
+        self.group = SINGLE if group is None else group
         self.model_file = model if isinstance(model, ModelFile) else load_model(model)
         self.model = self.model_file.module
         self.data = data if isinstance(data, Dataset) else load_dataset(data)
@@ -301,7 +339,7 @@ class _Refinement:
                         else None)
         dtype = next(self.model.parameters()).dtype
         self.qm_data = DatasetTensors(self.train, dtype=dtype)
-        self.rng = np.random.default_rng(settings.seed)
+        self.rng = np.random.default_rng(settings.md.seed)
         self.state = {"cycle": 0, "phase": "simulation", "epoch": 0, "learning_epochs": 0, "simulated_steps": 0,
                       "nan_failures": 0, "wall_seconds": 0.0, "stopped_by": None, "first_check_done": False,
                       "phase_epochs": 0,
@@ -317,9 +355,10 @@ class _Refinement:
         self.initial_errors: Optional[dict] = None
         record = self._record()
         if resume:
-            self._check_same_run(record)
+            if self.group.main:
+                self._check_same_run(record)
             self._load_checkpoint()
-        else:
+        elif self.group.main:
             write_json(directory / SETTINGS_NAME, record)
             self.initial_errors = self._test_errors()
 
@@ -370,13 +409,13 @@ class _Refinement:
             n_test = min(max(n_test, 1), len(data) - 1)
         else:
             n_test = 0
-        order = np.random.default_rng(s.seed).permutation(len(data))
+        order = np.random.default_rng(s.md.seed).permutation(len(data))
         train = data.subset(np.sort(order[n_test:]))
         test = data.subset(np.sort(order[:n_test])) if n_test else None
         why = ("the model has no pretraining record on this file" if not pretrained_here
                else "the file lacks some of the model's pretraining frames")
         note = (f"{len(train)} of the {len(data)} frames of {data.source} ({why}); {n_test} held out "
-                f"(random, seed {s.seed}) for the error report")
+                f"(random, seed {s.md.seed}) for the error report")
         if n_test:
             note += ", which may include frames the model was trained on elsewhere"
         return train, test, note
@@ -412,24 +451,32 @@ class _Refinement:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=s.lr_decay)
 
     def _build_replicas(self):
-        from openmm_bridge.replicas import ReplicaSet
+        from openmm_bridge.replicas import ReplicaSet, maxwell_boltzmann
 
         s = self.settings
-        return ReplicaSet(self.model, self.train.numbers, self.starts, cell=self.cell, integrator=s.integrator,
-                          temperature=s.temperature, timestep=s.timestep, friction=s.friction,
-                          collision_frequency=s.collision_frequency, seed=s.seed, mode=s.mode, platform=s.platform,
-                          check_interval=min(50, s.check_every, s.sample_every))
+        mine = self.group.block(s.n_replicas)
+        # Starting velocities are drawn for all R replicas and each rank takes its block, so the replicas
+        # start alike whatever the number of ranks; the thermostat's random stream is each rank's own.
+        masses = ReplicaSet.standard_masses(self.train.numbers)
+        velocities = maxwell_boltzmann(masses, s.n_replicas, s.md.temperature, s.md.seed)[mine]
+        md = s.md.with_changes(seed=s.md.seed + 7919 * self.group.rank)
+        return ReplicaSet.from_settings(self.model, self.train.numbers, self.starts[mine], md, cell=self.cell,
+                                        velocities=velocities, check_interval=min(50, s.check_every, s.sample_every))
+
+    def _unstable_count(self) -> int:
+        """Unstable replicas over all ranks."""
+        return int(self.group.sum(int(self.replicas.unstable.sum())))
 
     def _record(self) -> dict:
         return {"model": str(Path(self.model_file.path).resolve()),
                 "model_sha256": file_sha256(self.model_file.path), **data_record(self.data),
                 "output": str(self.output.resolve()), "train_frames": self.frames_note,
-                "settings": asdict(self.settings)}
+                "settings": flat_record(self.settings)}
 
     def _check_same_run(self, record: dict) -> None:
         saved = json.loads((self.directory / SETTINGS_NAME).read_text())
-        old = {k: v for k, v in saved["settings"].items() if k not in BUDGET_KEYS}
-        new = {k: v for k, v in record["settings"].items() if k not in BUDGET_KEYS}
+        old = {k: v for k, v in saved["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
+        new = {k: v for k, v in record["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
         different = [k for k in new if old.get(k) != new[k]]
         # The model is the same file when its bytes are: a resume may name it by another path (a copy, another
         # working directory). Runs recorded before the hash was kept compare resolved paths.
@@ -452,11 +499,12 @@ class _Refinement:
 
         s = self.settings
         started = time.perf_counter() - self.state["wall_seconds"]
-        bar = tqdm(total=s.max_epochs, initial=self.state["learning_epochs"], disable=not self.progress,
-                   desc="refine", unit="learning epoch")
+        bar = tqdm(total=s.max_epochs, initial=self.state["learning_epochs"],
+                   disable=not (self.progress and self.group.main), desc="refine", unit="learning epoch")
         try:
             while self.state["stopped_by"] is None:
-                self.state["stopped_by"] = self._budget_spent(started)
+                # rank 0's clock decides a wall-time budget for every rank
+                self.state["stopped_by"] = self.group.broadcast(self._budget_spent(started))
                 if self.state["stopped_by"] is not None:
                     break
                 if self.state["phase"] == "simulation":
@@ -470,8 +518,9 @@ class _Refinement:
                            wall_time_s=round(self.state["wall_seconds"], 2))
                 self._advance_phase(row)
                 self.history.append(row)
-                with open(self.directory / LOG_NAME, "a") as log:
-                    log.write(json.dumps(row, default=json_default) + "\n")
+                if self.group.main:
+                    with open(self.directory / LOG_NAME, "a") as log:
+                        log.write(json.dumps(row, default=json_default) + "\n")
                 bar.set_postfix(phase=row["phase"], cycle=row["cycle"], unstable=f"{row['unstable_fraction']:.2f}",
                                 refresh=False)
                 self._save_checkpoint()
@@ -488,7 +537,7 @@ class _Refinement:
         if s.max_wall_time is not None and time.perf_counter() - started >= s.max_wall_time:
             return "wall time"
         if (self.state["phase"] == "simulation"
-                and self.state["simulated_steps"] * s.timestep >= s.max_simulation_time):
+                and self.state["simulated_steps"] * s.md.timestep >= s.max_simulation_time):
             return "simulation time"
         return None
 
@@ -497,7 +546,7 @@ class _Refinement:
         if row["phase"] == "simulation":
             self.state["phase_epochs"] += 1
             patient = (s.simulation_patience is not None and self.state["phase_epochs"] >= s.simulation_patience
-                       and self.replicas.unstable.any())
+                       and row["unstable_fraction"] > 0)
             if row["unstable_fraction"] >= s.f_max or patient:
                 # a fairly stable model would otherwise simulate for tens of ps before learning anything
                 row["learning_starts"] = "f_max" if row["unstable_fraction"] >= s.f_max else "simulation patience"
@@ -516,41 +565,34 @@ class _Refinement:
                 self.state["phase_epochs"] = 0
                 self.state["cycle"] += 1
 
-    def _run_epoch(self, record_samples: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _run_epoch(self) -> tuple[np.ndarray, np.ndarray]:
         """t steps of every running replica with stability checks; returns samples [S, N, 3] and newly unstable."""
+        from stable_md.reporting import PositionSampler, StabilityMonitor
+
         s = self.settings
         replicas = self.replicas
-        samples: list[np.ndarray] = []
         before = replicas.unstable.copy()
-        every = math.gcd(s.sample_every, s.check_every)
-
-        def observe(frames) -> None:
-            since_start = frames.step - start_step
-            if record_samples and since_start % s.sample_every == 0:
-                samples.append(frames.positions[frames.running])
-            if since_start % s.check_every == 0:
-                broken = np.flatnonzero(self.criterion(frames.positions) & frames.running)
-                if len(broken):
-                    replicas.mark_unstable(broken, self.criterion.reasons(frames.positions, broken))
-                if not self.state["first_check_done"]:
-                    self.state["first_check_done"] = True
-                    if replicas.unstable.all():
-                        raise RefineError(
-                            f"all {s.n_replicas} replicas were unstable at the first check ({s.check_every} steps, "
-                            f"{s.check_every * s.timestep:g} fs), e.g. {replicas.reasons.get(0, '')}; try a smaller "
-                            f"--timestep, a larger --threshold, or check that --temperature suits the data")
-
+        # the sampler first: a frame is sampled whether or not the check at the same step stops its replica
+        sampler = PositionSampler(s.sample_every, len(self.train.numbers))
+        monitor = StabilityMonitor(self.criterion, s.check_every)
         start_step = replicas.step
         started = time.perf_counter()
-        done = replicas.run(s.steps_per_epoch, callback=observe, every=every)
+        done = replicas.run(s.steps_per_epoch, reporters=[sampler, monitor])
         self.state["seconds"]["simulation"] += time.perf_counter() - started
+        if not self.state["first_check_done"]:
+            # a sum over the ranks, made by each whether or not its replicas reached the check
+            first = self.group.sum([monitor.checks > 0, monitor.first_unstable or 0])
+            self.state["first_check_done"] = bool(first[0] > 0)
+            if self.state["first_check_done"] and int(first[1]) == s.n_replicas:
+                raise RefineError(
+                    f"all {s.n_replicas} replicas were unstable at the first check ({s.check_every} steps, "
+                    f"{s.check_every * s.md.timestep:g} fs), e.g. {replicas.reasons.get(0, '')}; try a smaller "
+                    f"--timestep, a larger --threshold, or check that --temperature suits the data")
         # The shared clock moves by whole epochs even when every replica stopped early, so that
         # sampling and checks keep falling on the same steps of each epoch.
         if done < s.steps_per_epoch:
             replicas.step = start_step + s.steps_per_epoch
-        newly = replicas.unstable & ~before
-        stacked = np.concatenate(samples) if samples else np.zeros((0, len(self.train.numbers), 3))
-        return stacked, newly
+        return sampler.samples(), replicas.unstable & ~before
 
     def _simulation_epoch(self) -> dict:
         replicas = self.replicas
@@ -558,20 +600,28 @@ class _Refinement:
         # rewind points: where each running replica is now, t steps before its end if it stays stable
         self.rewind_positions[running] = replicas.positions()[running]
         self.rewind_velocities[running] = replicas.velocities()[running]
-        samples, newly = self._run_epoch(record_samples=True)
+        samples, newly = self._run_epoch()
         self.state["simulated_steps"] += self.settings.steps_per_epoch
-        row = {"phase": "simulation", "unstable_fraction": float(replicas.unstable.mean()),
-               "newly_unstable": int(newly.sum()), "lr": self.optimizer.param_groups[0]["lr"],
-               "simulated_time_ps": self.state["simulated_steps"] * self.settings.timestep / 1000.0}
+        counts = self.group.sum([replicas.unstable.sum(), newly.sum()])
+        row = {"phase": "simulation", "unstable_fraction": float(counts[0] / self.settings.n_replicas),
+               "newly_unstable": int(counts[1]), "lr": self.optimizer.param_groups[0]["lr"],
+               "simulated_time_ps": self.state["simulated_steps"] * self.settings.md.timestep / 1000.0}
         row.update(self._observable_losses(samples))
         return row
 
     def _learning_epoch(self) -> dict:
-        s = self.settings
         self.replicas.reset(self.rewind_positions, self.rewind_velocities)
-        samples, newly = self._run_epoch(record_samples=True)
-        row = {"phase": "learning", "unstable_fraction": float(self.replicas.unstable.mean()),
-               "samples": int(len(samples)), "lr": self.optimizer.param_groups[0]["lr"]}
+        samples, newly = self._run_epoch()
+        row = {"phase": "learning", "unstable_fraction": self._unstable_count() / self.settings.n_replicas}
+        return self._learn(samples, row)
+
+    def _learn(self, samples: np.ndarray, row: dict) -> dict:
+        """One optimizer step from this rank's ``samples`` [S, N, 3] Å (the observable term, by the Boltzmann
+        estimator over the samples of all ranks) and the energy/force term; fills and returns ``row``."""
+        s = self.settings
+        group = self.group
+        n_samples = int(group.sum(len(samples)))
+        row.update({"samples": n_samples, "lr": self.optimizer.param_groups[0]["lr"]})
         self.optimizer.zero_grad(set_to_none=True)
         problem = None
         # Auto weights are checked at every learning epoch: measured on aspirin, the energy/force gradient grew
@@ -579,8 +629,9 @@ class _Refinement:
         # left the observables 2.5-6% of the gradient instead of the 30% they were calibrated to.
         calibrating = s.auto_weights
         term_gradients: list[torch.Tensor] = []
+        reduce = group.sum_tensor if group.distributed else None
         clock = time.perf_counter()
-        if len(samples) < 2:
+        if n_samples < 2:
             problem = "fewer than two samples"
         else:
             if calibrating:
@@ -589,17 +640,19 @@ class _Refinement:
                 for term in self.terms:
                     self.optimizer.zero_grad(set_to_none=True)
                     single = ObservableTerm(term.observable, term.reference, 1.0)
-                    part = boltzmann_gradient(self.model, samples, self.train.numbers, [single], s.temperature,
-                                              cells=self.cell, batch_size=s.estimator_batch)
+                    part = boltzmann_gradient(self.model, samples, self.train.numbers, [single], s.md.temperature,
+                                              cells=self.cell, batch_size=s.estimator_batch, reduce=reduce)
                     losses.update(part.losses)
                     means.update(part.means)
-                    term_gradients.append(_flat_gradient(self.model))
+                    term_gradients.append(self._shared_gradient())
                 _set_flat_gradient(self.model, torch.stack(term_gradients).sum(dim=0))
                 loss = float(sum(losses.values()))
             else:
-                result = boltzmann_gradient(self.model, samples, self.train.numbers, self.terms, s.temperature,
-                                            cells=self.cell, batch_size=s.estimator_batch)
+                result = boltzmann_gradient(self.model, samples, self.train.numbers, self.terms, s.md.temperature,
+                                            cells=self.cell, batch_size=s.estimator_batch, reduce=reduce)
                 losses, means, loss = result.losses, result.means, result.loss
+                if group.distributed:
+                    _set_flat_gradient(self.model, self._shared_gradient())
             row.update({"observable_loss": loss, **{f"loss_{k}": v for k, v in losses.items()}})
             self._remember_means(means)
             if not math.isfinite(loss):
@@ -608,17 +661,7 @@ class _Refinement:
         clock = time.perf_counter()
         qm_gradient = None
         if s.qm_weight > 0 and problem is None:
-            before = _flat_gradient(self.model)
-            batch = self.qm_data.batch(torch.as_tensor(
-                self.rng.choice(len(self.qm_data), size=min(s.qm_batch, len(self.qm_data)), replace=False)))
-            qm_loss, stats = self.qm_loss(self.model, batch)
-            row["qm_loss"] = float(qm_loss.detach())
-            row["qm_force_mae_meV_per_A"] = 1000 * stats["force_abs_sum"] / stats["force_components"]
-            if math.isfinite(row["qm_loss"]):
-                (s.qm_weight * qm_loss).backward()
-                qm_gradient = _flat_gradient(self.model) - before
-            else:
-                problem = "non-finite energy/force loss"
+            qm_gradient, problem = self._energy_force_step(row)
         if problem is None and calibrating:
             first = self.state.get("first_weights")
             weights = epoch_weights(first, term_gradients, qm_gradient, s.observable_share)
@@ -660,18 +703,58 @@ class _Refinement:
         self.state["learning_epochs"] += 1
         return row
 
+    def _shared_gradient(self) -> torch.Tensor:
+        """The parameters' gradient summed over the ranks (this rank's alone with one process)."""
+        return self.group.sum_tensor(_flat_gradient(self.model)) if self.group.distributed \
+            else _flat_gradient(self.model)
+
+    def _energy_force_step(self, row: dict) -> tuple[Optional[torch.Tensor], Optional[str]]:
+        """Add λ ∇(energy/force loss) of one minibatch to the gradient; returns that part of it (or a problem).
+
+        The minibatch is drawn by every rank alike and split among them; each rank's loss is scaled by its share
+        of the frames, so the sum over ranks is the loss of the whole minibatch (all frames have N atoms)."""
+        s, group = self.settings, self.group
+        before = _flat_gradient(self.model)
+        chosen = self.rng.choice(len(self.qm_data), size=min(s.qm_batch, len(self.qm_data)), replace=False)
+        mine = chosen[group.block(len(chosen))]
+        scale = len(mine) / len(chosen)
+        qm_loss, stats = None, {"force_abs_sum": 0.0, "force_components": 0}
+        if len(mine):
+            qm_loss, stats = self.qm_loss(self.model, self.qm_data.batch(torch.as_tensor(mine)))
+        local = float(qm_loss.detach()) * scale if qm_loss is not None else 0.0
+        totals = group.sum([local, stats["force_abs_sum"], stats["force_components"]])
+        row["qm_loss"] = float(totals[0])
+        row["qm_force_mae_meV_per_A"] = 1000 * float(totals[1]) / float(totals[2])
+        if not math.isfinite(row["qm_loss"]):
+            return None, "non-finite energy/force loss"
+        if qm_loss is not None:
+            (s.qm_weight * (qm_loss * scale if scale != 1 else qm_loss)).backward()
+        if not group.distributed:
+            return _flat_gradient(self.model) - before, None
+        qm_gradient = group.sum_tensor(_flat_gradient(self.model) - before)
+        _set_flat_gradient(self.model, before + qm_gradient)
+        return qm_gradient, None
+
     def _apply_weights(self, weights: list[float]) -> None:
         self.state["observable_weights"] = list(weights)
         for term, weight in zip(self.terms, weights):
             term.weight = weight
 
     def _observable_losses(self, samples: np.ndarray) -> dict:
-        if len(samples) == 0:
+        """The observable losses of a simulation epoch's samples (of all ranks)."""
+        group = self.group
+        if int(group.sum(len(samples))) == 0:
             return {}
         losses, total, means = {}, 0.0, {}
         with torch.no_grad():
             for term in self.terms:
-                mean = term.observable(samples, self.cell).mean(dim=0)
+                if not group.distributed:
+                    mean = term.observable(samples, self.cell).mean(dim=0)
+                else:
+                    local = (term.observable(samples, self.cell).sum(dim=0) if len(samples)
+                             else torch.zeros(term.reference.shape[0], dtype=torch.float64))
+                    shared = group.sum(np.concatenate([[len(samples)], local.double().numpy()]))
+                    mean = torch.as_tensor(shared[1:] / shared[0])
                 losses[f"loss_{term.observable.name}"] = float(((mean - term.reference) ** 2).sum())
                 total += term.weight * losses[f"loss_{term.observable.name}"]
                 means[term.observable.name] = mean.numpy()
@@ -692,16 +775,20 @@ class _Refinement:
 
     # -- checkpoint ------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
+        """Rank 0 writes one checkpoint (atomically) holding every rank's replicas."""
         from openmm_bridge.replicas import snapshot_to_arrays
 
-        snapshot = {k: torch.as_tensor(np.array(v)) for k, v in
-                    snapshot_to_arrays(self.replicas.snapshot()).items() if k != "reasons"}
+        mine = {"snapshot": {k: torch.as_tensor(np.array(v)) for k, v in
+                             snapshot_to_arrays(self.replicas.snapshot()).items() if k != "reasons"},
+                "reasons": json.dumps({str(k): v for k, v in self.replicas.reasons.items()}),
+                "rewind_positions": torch.as_tensor(self.rewind_positions),
+                "rewind_velocities": torch.as_tensor(self.rewind_velocities)}
+        ranks = self.group.gather(mine)
+        if not self.group.main:
+            return
         payload = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "snapshot": snapshot,
-            "reasons": json.dumps({str(k): v for k, v in self.replicas.reasons.items()}),
-            "rewind_positions": torch.as_tensor(self.rewind_positions),
-            "rewind_velocities": torch.as_tensor(self.rewind_velocities),
+            "scheduler": self.scheduler.state_dict(), "ranks": ranks,
             "state": json.dumps(self.state), "history": json.dumps(self.history, default=json_default),
             "rng": json.dumps(self.rng.bit_generator.state),
             "means": json.dumps({"first": self.first_means, "last": self.last_means}),
@@ -713,15 +800,27 @@ class _Refinement:
         from openmm_bridge.replicas import snapshot_from_arrays
 
         path = self.directory / CHECKPOINT_NAME
-        payload = read_checkpoint(path, "refine", lambda path: torch.load(path, weights_only=True))
+        payload = None
+        if self.group.main:
+            payload = read_checkpoint(path, "refine", lambda path: torch.load(path, weights_only=True))
+            if "ranks" not in payload:  # written before refine ran on several processes
+                payload["ranks"] = [{key: payload.pop(key) for key in
+                                     ("snapshot", "reasons", "rewind_positions", "rewind_velocities")}]
+        # every rank gets rank 0's copy, so that ranks on other nodes need not see the run directory
+        payload = self.group.broadcast(payload)
+        if len(payload["ranks"]) != self.group.size:
+            raise RefineError(f"cannot resume {self.directory}: it ran on {len(payload['ranks'])} process(es) "
+                              f"(--nproc {len(payload['ranks'])}), this resume on {self.group.size}; resume it with "
+                              f"--nproc {len(payload['ranks'])}")
+        mine = payload["ranks"][self.group.rank]
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        arrays = {k: v.numpy() for k, v in payload["snapshot"].items()}
-        arrays["reasons"] = np.array(payload["reasons"])
+        arrays = {k: v.numpy() for k, v in mine["snapshot"].items()}
+        arrays["reasons"] = np.array(mine["reasons"])
         self.replicas.restore(snapshot_from_arrays(arrays))
-        self.rewind_positions = payload["rewind_positions"].numpy().copy()
-        self.rewind_velocities = payload["rewind_velocities"].numpy().copy()
+        self.rewind_positions = mine["rewind_positions"].numpy().copy()
+        self.rewind_velocities = mine["rewind_velocities"].numpy().copy()
         self.state = json.loads(payload["state"])
         self.state["stopped_by"] = None
         if self.state["observable_weights"] is not None:
@@ -731,7 +830,8 @@ class _Refinement:
         means = json.loads(payload["means"])
         self.first_means, self.last_means = means["first"], means["last"]
         self.initial_errors = json.loads(payload["initial_errors"])
-        truncate_jsonl_log(self.directory / LOG_NAME, self.state["epoch"])
+        if self.group.main:
+            truncate_jsonl_log(self.directory / LOG_NAME, self.state["epoch"])
 
     # -- the end ---------------------------------------------------------------------------------------
     def _gradient_shares(self) -> list[float]:
@@ -780,6 +880,8 @@ class _Refinement:
         from stable_md import plots
 
         s = self.settings
+        if not self.group.main:  # rank 0 holds the same model and history, and writes them
+            return RefineResult(model=self.model, history=self.history, summary={}, output=self.output)
         learned = self.state["learning_epochs"] > 0 and any(
             row["phase"] == "learning" and "skipped" not in row for row in self.history)
         if learned:
@@ -790,7 +892,7 @@ class _Refinement:
                        + (f"stopped by the {stop} budget" if stop in BUDGETS else f"stopped: {stop}"))
         else:
             message = (f"no replica became unstable enough to learn from (f_max = {s.f_max}) in "
-                       f"{self.state['simulated_steps'] * s.timestep / 1000:g} ps of simulation; the model is unchanged")
+                       f"{self.state['simulated_steps'] * s.md.timestep / 1000:g} ps of simulation; the model is unchanged")
         shares = self._gradient_shares()
         summary = {
             "message": message,
@@ -808,7 +910,7 @@ class _Refinement:
             "refined": learned,
             "cycles": self.state["cycle"],
             "learning_epochs": self.state["learning_epochs"],
-            "simulated_time_ps": self.state["simulated_steps"] * s.timestep / 1000.0,
+            "simulated_time_ps": self.state["simulated_steps"] * s.md.timestep / 1000.0,
             "wall_seconds": round(self.state["wall_seconds"], 1),
             "train_frames": self.frames_note,
             "final_unstable_fraction": self.history[-1]["unstable_fraction"] if self.history else None,
@@ -822,7 +924,7 @@ class _Refinement:
         entry = {"stage": "refine", **data_record(self.data), "train_frames": self.frames_note,
                  "train_indices": self.train.indices.tolist(),
                  "test_indices": [] if self.test is None else self.test.indices.tolist(),
-                 "settings": asdict(s), "summary": {k: v for k, v in summary.items() if k != "figures"},
+                 "settings": flat_record(s), "summary": {k: v for k, v in summary.items() if k != "figures"},
                  "history": self.history}
         metadata = build_metadata(self.model, dict(self.model_file.metadata.get("hyperparameters", {})),
                                   history=list(self.model_file.metadata.get("history", [])) + [entry],

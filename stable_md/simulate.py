@@ -11,18 +11,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from openmm_bridge.md_settings import MDSettings, flat_record
 from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot, snapshot_from_arrays, snapshot_to_arrays
-from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, StateLog, TrajectoryWriter, truncate_dcd,
+from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, StateLog, StateLogReporter,
+                                     TrajectoryReporter, TrajectoryWriter, replica_status, truncate_dcd,
                                      truncate_state_log, write_topology)
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
-from stable_md.potentials.model_file import atomic_write, file_sha256, read_checkpoint, read_metadata, write_json
+from stable_md.reporting import StabilityMonitor
+from stable_md.files import atomic_write, file_sha256, read_checkpoint, write_json
+from stable_md.potentials.model_file import read_metadata
 from stable_md.stability import CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.units import PS_IN_FS
 
@@ -38,29 +42,27 @@ STABILITY_CRITERIA = ("bond", "none")
 
 @dataclass
 class SimulationSettings:
-    """What ``stable-md simulate`` runs. Units: K, fs, 1/ps; ``frame_interval`` in steps."""
+    """What ``stable-md simulate`` runs. Units: fs; ``frame_interval`` in steps; the MD in ``md`` (default: Langevin
+    at 300 K)."""
 
     model: str
     n_replicas: int
     numbers: list
-    integrator: str = "langevin"
-    temperature: float = 300.0
-    timestep: float = 0.5
+    md: MDSettings = field(default_factory=lambda: MDSettings(integrator="langevin", temperature=300.0))
     total_time: float = 10_000.0
-    friction: float = 1.0
-    collision_frequency: float = 10.0
-    seed: int = 0
     frame_interval: int = 100
-    mode: str = "batched"
     backend: str = "python"
-    platform: str = "CPU"
     periodic: bool = False
     stability: str = "bond"
     bond_threshold: float = default_threshold("bond")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.md, dict):
+            self.md = MDSettings.from_dict(self.md)
+
     @property
     def n_steps(self) -> int:
-        return int(round(self.total_time / self.timestep))
+        return int(round(self.total_time / self.md.timestep))
 
 
 def output_files(directory: Path) -> list[Path]:
@@ -94,8 +96,7 @@ def clear_directory(directory: Path) -> None:
 
 def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: str | os.PathLike,
                    cell: Optional[np.ndarray] = None, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, device: str = "cpu",
-                   reference_positions: Optional[np.ndarray] = None) -> dict:
+                   progress: bool = True, reference_positions: Optional[np.ndarray] = None) -> dict:
     """Run the replicas from ``starts`` [R, N, 3] Å and write the run directory; returns the summary.
 
     With ``settings.stability == "bond"``, bonds and their reference lengths come from
@@ -117,103 +118,104 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
     warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model, "the starting structures")
     check_finite_positions(starts, "simulate: starting structures")
     check_directory(directory, overwrite, resume)
-    record = {**asdict(settings), "model_sha256": file_sha256(settings.model)}
+    record = {**flat_record(settings), "model_sha256": file_sha256(settings.model)}
     if resume:
         _check_same_run(directory, record)
     # Everything that can fail on the user's input (the model, the device, the force backend) fails here,
     # before the run directory is touched.
-    replicas = ReplicaSet(settings.model, settings.numbers, starts, cell=cell, integrator=settings.integrator,
-                          temperature=settings.temperature, timestep=settings.timestep, friction=settings.friction,
-                          collision_frequency=settings.collision_frequency, seed=settings.seed, mode=settings.mode,
-                          backend=settings.backend, platform=settings.platform, device=device,
-                          check_interval=min(settings.frame_interval, 50))
+    replicas = ReplicaSet.from_settings(settings.model, settings.numbers, starts, settings.md, cell=cell,
+                                        backend=settings.backend, check_interval=min(settings.frame_interval, 50))
     if not resume:
         clear_directory(directory)
         write_json(directory / SETTINGS_NAME, record)
         write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], cell)
-    temperature_sum = np.zeros(settings.n_replicas)
-    temperature_count = np.zeros(settings.n_replicas, dtype=np.int64)
     wall_before = 0.0
     if resume:
         saved = _load_checkpoint(directory / CHECKPOINT_NAME)
         replicas.restore(saved["snapshot"])
-        temperature_sum, temperature_count = saved["temperature_sum"], saved["temperature_count"]
         wall_before = saved["wall_seconds"]
         for replica, frames in enumerate(saved["frames_written"]):
             truncate_dcd(directory / f"replica_{replica:03d}.dcd", int(frames))
         truncate_state_log(directory / STATE_LOG_NAME, replicas.step)
-    trajectories = TrajectoryWriter(directory, settings.numbers, settings.n_replicas, settings.timestep,
+    trajectories = TrajectoryWriter(directory, settings.numbers, settings.n_replicas, settings.md.timestep,
                                     settings.frame_interval, cell=cell, append=resume)
     state_log = StateLog(directory / STATE_LOG_NAME, append=resume)
-    started = time.perf_counter()
-
-    def report(frames) -> None:
-        trajectories.write(frames.positions, frames.running)
-        if criterion is not None:
-            broken = np.flatnonzero(criterion(frames.positions) & frames.running)
-            if len(broken):
-                reasons = criterion.reasons(frames.positions, broken)
-                replicas.mark_unstable(broken, reasons)
-        state_log.write(frames, _status(replicas))
-        measured = np.isfinite(frames.temperature)
-        temperature_sum[measured] += frames.temperature[measured]
-        temperature_count[measured] += 1
-        _save_checkpoint(directory / CHECKPOINT_NAME, replicas.snapshot(), trajectories.frames_written,
-                         temperature_sum, temperature_count, wall_before + time.perf_counter() - started)
-
+    every = settings.frame_interval
+    # A frame is written while its replica runs, then judged; the log shows the verdict; the checkpoint
+    # comes last, so that a resume starts after a frame whose files are complete.
+    logger = StateLogReporter(state_log, every, settings.n_replicas)
+    reporters = [TrajectoryReporter(trajectories, every)]
+    if criterion is not None:
+        reporters.append(StabilityMonitor(criterion, every))
+    reporters += [logger, _CheckpointReporter(directory / CHECKPOINT_NAME, every, trajectories, logger)]
+    if resume:
+        logger.temperature_sum, logger.temperature_count = saved["temperature_sum"], saved["temperature_count"]
+    clock = reporters[-1]
+    clock.wall_before = wall_before
     if not resume:
-        report(replicas.frames())
+        frames = replicas.frames()
+        for reporter in reporters:
+            reporter.report(replicas, frames)
     bar = _progress_bar(settings.n_steps, replicas.step, progress)
     try:
-        remaining = settings.n_steps - replicas.step
-
         def advance(steps: int) -> None:
             if bar is not None:
                 bar.update(steps)
                 bar.set_postfix(unstable=int(replicas.unstable.sum()), refresh=False)
 
-        replicas.run(remaining, callback=report, every=settings.frame_interval, progress=advance)
+        replicas.run(settings.n_steps - replicas.step, reporters=reporters, progress=advance)
     finally:
         if bar is not None:
             bar.close()
         trajectories.close()
         state_log.close()
-    wall = wall_before + time.perf_counter() - started
-    summary = _summary(settings, replicas, trajectories, temperature_sum, temperature_count, wall, directory)
+    wall = clock.wall_seconds()
+    summary = _summary(settings, replicas, trajectories, logger.mean_temperatures(), wall, directory)
     write_json(directory / SUMMARY_NAME, summary)
     return summary
 
 
-def _status(replicas: ReplicaSet) -> list[str]:
-    return ["unstable" if replicas.unstable[r] else ("frozen" if replicas.frozen[r] else "running")
-            for r in range(replicas.n_replicas)]
+class _CheckpointReporter(Reporter):
+    """Writes the run's checkpoint (replicas, frames written, temperature sums, wall time) after every frame."""
+
+    def __init__(self, path: Path, interval: int, trajectories: TrajectoryWriter, logger: StateLogReporter) -> None:
+        super().__init__(interval)
+        self.path, self.trajectories, self.logger = path, trajectories, logger
+        self.wall_before = 0.0
+        self.started = time.perf_counter()
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def report(self, replicas: ReplicaSet, frames) -> None:
+        _save_checkpoint(self.path, replicas.snapshot(), self.trajectories.frames_written,
+                         self.logger.temperature_sum, self.logger.temperature_count, self.wall_seconds())
 
 
 def _summary(settings: SimulationSettings, replicas: ReplicaSet, trajectories: TrajectoryWriter,
-             temperature_sum: np.ndarray, temperature_count: np.ndarray, wall: float, directory: Path) -> dict:
+             mean_temperatures: list, wall: float, directory: Path) -> dict:
     steps_run = replicas.step
     replica_steps = float(np.where(replicas.unstable, replicas.unstable_step, steps_run).sum())
     per_replica = []
     for r in range(settings.n_replicas):
         entry = {
             "replica": r,
-            "status": _status(replicas)[r],
-            "unstable_at_ps": (float(replicas.unstable_step[r] * settings.timestep / PS_IN_FS)
+            "status": replica_status(replicas)[r],
+            "unstable_at_ps": (float(replicas.unstable_step[r] * settings.md.timestep / PS_IN_FS)
                                if replicas.unstable[r] else None),
             "frames": int(trajectories.frames_written[r]),
-            "mean_temperature_K": (float(temperature_sum[r] / temperature_count[r])
-                                   if temperature_count[r] else None),
+            "mean_temperature_K": mean_temperatures[r],
             "trajectory": trajectories.paths[r].name,
         }
         if r in replicas.reasons:
             entry["reason"] = replicas.reasons[r]
         per_replica.append(entry)
-    simulated_ns = replica_steps * settings.timestep * 1e-6
+    simulated_ns = replica_steps * settings.md.timestep * 1e-6
     return {
-        "settings": asdict(settings),
+        "settings": flat_record(settings),
         "completed": steps_run >= settings.n_steps,
         "steps": int(steps_run),
-        "time_ps": steps_run * settings.timestep / PS_IN_FS,
+        "time_ps": steps_run * settings.md.timestep / PS_IN_FS,
         "n_unstable": int(replicas.unstable.sum()),
         "wall_seconds": wall,
         "replica_steps_per_second": replica_steps / wall if wall > 0 else None,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +63,28 @@ def assert_same_simulate_runs(reference: Path, other: Path, n_replicas: int, n_f
         b = mdtraj.load(str(other / name), top=str(other / "topology.pdb"))
         assert a.n_frames == b.n_frames == n_frames
         np.testing.assert_array_equal(a.xyz, b.xyz)
+
+
+KILL_TEST_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_with_kills(command: list[str], moments: list[float], checkpoint: Path, done) -> int:
+    """Start ``command`` and SIGKILL it ``moment`` seconds after each start, restarting with --resume when
+    ``checkpoint`` exists (plainly otherwise); then run it to the end. Returns how many kills landed."""
+    landed = 0
+    for moment in moments + [None]:
+        args = command + (["--resume"] if checkpoint.exists() else [])
+        process = subprocess.Popen(args, env=KILL_TEST_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            _, error = process.communicate(timeout=moment if moment is not None else 600)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)  # ranks of --nproc die with it (PR_SET_PDEATHSIG)
+            process.communicate()
+            landed += 1
+            continue
+        assert process.returncode == 0, error
+        if done():
+            break
+    assert done()
+    return landed

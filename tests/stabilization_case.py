@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import FAST_SCHNET
+from openmm_bridge.md_settings import MDSettings
 
 
 def pretrain_weak_model(data, output: Path, dtype: str = "float32") -> Path:
@@ -24,14 +25,14 @@ def refine_settings(seed: int):
     from stable_md.refinement import RefineSettings
 
     return RefineSettings(n_replicas=32, steps_per_epoch=400, max_cycles=10, max_epochs=30,
-                          max_simulation_time=12_000.0, seed=seed)
+                          max_simulation_time=12_000.0, md=MDSettings(seed=seed))
 
 
 def evaluate_settings(seed: int):
     from stable_md.evaluation import EvaluateSettings
 
     return EvaluateSettings(n_replicas=96, total_time=3000.0, threshold=0.25, check_every=50, vacf_window=0,
-                            error_frames=100, seed=seed + 100)
+                            error_frames=100, md=MDSettings(seed=seed + 100))
 
 
 def run_case(data, directory: Path, seed: int = 0, dtype: str = "float32", jobs: int = 2) -> tuple[dict, dict]:

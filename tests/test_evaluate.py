@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from openmm_bridge.md_settings import MDSettings
 from stable_md.cli import main
 from stable_md.evaluation import EvaluateSettings, evaluate
 from stable_md.potentials.model_file import load_model, save_model
@@ -86,13 +87,13 @@ def test_two_copies_of_a_model_see_identical_held_out_starts(tmp_path, pretraine
 
 
 def test_reweighted_reference_and_resume(tmp_path, pretrained_model, ethanol, monkeypatch):
-    settings = EvaluateSettings(**{**QUICK, "n_replicas": 3, "vacf_window": 0}, temperature=350.0,
+    settings = EvaluateSettings(**{**QUICK, "n_replicas": 3, "vacf_window": 0}, md=MDSettings(temperature=350.0),
                                 data_temperature=500.0)
     first = evaluate([pretrained_model], ethanol, tmp_path / "cold", settings, labels=["m"], progress=False)
     reweighting = first["reference"]["reweighting"]
     assert reweighting["to_temperature_K"] == 350.0 and 1 < reweighting["effective_samples"] < len(ethanol)
     plain = evaluate([pretrained_model], ethanol, tmp_path / "plain",
-                     EvaluateSettings(**{**QUICK, "n_replicas": 3, "vacf_window": 0}, temperature=350.0),
+                     EvaluateSettings(**{**QUICK, "n_replicas": 3, "vacf_window": 0}, md=MDSettings(temperature=350.0)),
                      labels=["m"], progress=False)
     assert plain["reference"]["reweighting"] is None
     assert not np.allclose(first["reference_curve"]["values"], plain["reference_curve"]["values"])

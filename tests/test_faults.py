@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_SCHNET, assert_same_simulate_runs
+from conftest import FAST_SCHNET, assert_same_simulate_runs, run_with_kills
 from stable_md.potentials import load_model
 
 pytest.importorskip("openmm")
@@ -37,27 +35,6 @@ def _timed_run(command: list[str]) -> float:
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return time.perf_counter() - started
-
-
-def _run_with_kills(command: list[str], moments: list[float], checkpoint: Path, done: Callable[[], bool]) -> int:
-    """Start ``command`` and SIGKILL it ``moment`` seconds after each start, restarting with --resume when
-    ``checkpoint`` exists (plainly otherwise); then run it to the end. Returns how many kills landed."""
-    landed = 0
-    for moment in moments + [None]:
-        args = command + (["--resume"] if checkpoint.exists() else [])
-        process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            _, error = process.communicate(timeout=moment if moment is not None else 600)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.communicate()
-            landed += 1
-            continue
-        assert process.returncode == 0, error
-        if done():
-            break
-    assert done()
-    return landed
 
 
 def _moments(reference_seconds: float, seed: int) -> list[float]:
@@ -88,7 +65,7 @@ def test_pretrain_killed_at_random_moments_resumes_to_the_same_model(tmp_path, e
     reference, killed = tmp_path / "reference" / "m.pt", tmp_path / "killed" / "m.pt"
     reference.parent.mkdir(), killed.parent.mkdir()
     seconds = _timed_run(command(reference))
-    landed = _run_with_kills(command(killed), _moments(seconds, seed=1), killed.with_suffix(".ckpt.pt"),
+    landed = run_with_kills(command(killed), _moments(seconds, seed=1), killed.with_suffix(".ckpt.pt"),
                              killed.exists)
     assert landed >= 2, f"only {landed} of {KILLS} kills landed before the run ended"
     torch.testing.assert_close(_parameters(killed), _parameters(reference), rtol=0, atol=0)
@@ -107,7 +84,7 @@ def test_refine_killed_at_random_moments_resumes_to_the_same_model(tmp_path, pre
     reference.parent.mkdir(), killed.parent.mkdir()
     seconds = _timed_run(command(reference))
     run = killed.with_suffix(".refine")
-    landed = _run_with_kills(command(killed), _moments(seconds, seed=2), run / "checkpoint.pt",
+    landed = run_with_kills(command(killed), _moments(seconds, seed=2), run / "checkpoint.pt",
                              lambda: (run / "summary.json").exists())
     assert landed >= 2, f"only {landed} of {KILLS} kills landed before the run ended"
     torch.testing.assert_close(_parameters(killed), _parameters(reference), rtol=0, atol=0)
@@ -124,7 +101,7 @@ def test_simulate_killed_at_random_moments_resumes_to_the_same_trajectories(tmp_
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     seconds = _timed_run(command(reference))
-    landed = _run_with_kills(command(killed), _moments(seconds, seed=3), killed / "checkpoint.npz",
+    landed = run_with_kills(command(killed), _moments(seconds, seed=3), killed / "checkpoint.npz",
                              lambda: (killed / "summary.json").exists())
     assert landed >= 2, f"only {landed} of {KILLS} kills landed before the run ended"
     assert_same_simulate_runs(reference, killed, n_replicas=3, n_frames=101)

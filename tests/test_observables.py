@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from openmm_bridge.md_settings import MDSettings
 from stable_md.observables import (BondLengths, DistanceDistribution, ElementRDF, MinIntermolecularDistance,
                                    diffusion_coefficient, make_observable, mean_squared_displacement,
                                    velocity_autocorrelation)
@@ -199,7 +200,8 @@ def test_a_new_observable_is_one_subclass_refine_can_match(gyration_observable, 
     with pytest.raises(ValueError, match=r"evaluate compares the observables \['hr', 'rdf'\], got 'gyration'"):
         EvaluateSettings(observable="gyration")
     settings = RefineSettings(observables=["gyration"], n_replicas=8, steps_per_epoch=100, threshold=0.15, f_max=0.1,
-                              max_cycles=1, max_epochs=2, max_simulation_time=2000.0, qm_batch=16, seed=3)
+                              max_cycles=1, max_epochs=2, max_simulation_time=2000.0, qm_batch=16,
+                              md=MDSettings(seed=3))
     result = refine(pretrained_model, ethanol_path, tmp_path / "g.pt", settings, progress=False)
     learning = [row for row in result.history if row["phase"] == "learning"]
     assert learning and all("loss_gyration" in row for row in learning)

@@ -203,7 +203,7 @@ def test_atomic_write_gives_files_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from stable_md.potentials.model_file import atomic_write
+    from stable_md.files import atomic_write
 
     old = os.umask(0o022)
     try:

@@ -12,14 +12,16 @@ import torch
 from stable_md.cli import main
 from stable_md.data import Dataset
 from stable_md.potentials import load_model, read_metadata
+from openmm_bridge.md_settings import MDSettings
 from stable_md.refinement import RefineError, RefineSettings, refine
 
 
 def quick_settings(**overrides) -> RefineSettings:
     """A refine run of seconds: 16 replicas, 100-step epochs."""
+    md = {"seed": 3, **{name: overrides.pop(name) for name in list(overrides) if name in MDSettings.names()}}
     values = dict(n_replicas=16, steps_per_epoch=100, sample_every=10, check_every=50, threshold=0.15,
                   f_max=0.1, f_min=0.05, max_cycles=2, max_epochs=4, max_simulation_time=3000.0,
-                  qm_batch=16, seed=3)
+                  qm_batch=16, md=MDSettings(**md))
     values.update(overrides)
     return RefineSettings(**values)
 

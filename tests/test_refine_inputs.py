@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from openmm_bridge.md_settings import MDSettings
 from stable_md.cli import main
 from stable_md.data import data_record, load_dataset, same_data
 from stable_md.potentials import read_metadata
@@ -110,7 +111,7 @@ def test_a_copy_of_the_pretraining_file_from_another_directory_is_the_same_data(
     shutil.copy(ethanol_path, copy_directory / "renamed.extxyz")
     monkeypatch.chdir(copy_directory)
     settings = RefineSettings(n_replicas=8, steps_per_epoch=100, threshold=0.15, f_max=0.1, max_cycles=1,
-                              max_epochs=1, max_simulation_time=1000.0, qm_batch=16, seed=3)
+                              max_epochs=1, max_simulation_time=1000.0, qm_batch=16, md=MDSettings(seed=3))
     result = refine(pretrained_model, "renamed.extxyz", "out.pt", settings, progress=False)
     pretrain_entry = read_metadata(pretrained_model)["history"][0]
     assert result.summary["train_frames"].startswith(f"the model's {len(pretrain_entry['train_indices'])} "
@@ -153,7 +154,7 @@ def test_small_data_file_without_record_keeps_at_least_one_frame_out(tmp_path, p
     path = tmp_path / "small.xyz"
     small.save_extxyz(path)
     settings = RefineSettings(n_replicas=4, steps_per_epoch=100, threshold=0.15, f_max=0.1, max_cycles=1,
-                              max_epochs=1, max_simulation_time=1000.0, qm_batch=4, seed=1)
+                              max_epochs=1, max_simulation_time=1000.0, qm_batch=4, md=MDSettings(seed=1))
     result = refine(pretrained_model, path, tmp_path / "small.stable.pt", settings, progress=False)
     assert result.summary["test_errors_before"]["frames"] == 1
     assert result.summary["train_frames"].startswith("9 of the 10 frames")

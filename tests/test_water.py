@@ -6,8 +6,10 @@ import pytest
 
 pytest.importorskip("openmm")
 
-from openmm_bridge.water import box_length, run_water_md  # noqa: E402
+from openmm_bridge.md_settings import MDSettings  # noqa: E402
+from openmm_bridge.water_box import box_length  # noqa: E402
 from stable_md.data import load_dataset  # noqa: E402
+from stable_md.refdata.water_md import run_water_md  # noqa: E402
 
 SMALL = dict(n_molecules=32, n_frames=12, every=20, equilibration_steps=500, progress=False)
 
@@ -58,8 +60,8 @@ def test_evaluate_a_water_model_with_the_rdf_criterion(tmp_path, water_file):
              settings=PretrainSettings(epochs=3, lr=3e-3, batch_size=4, seed=0),
              hyperparameters={"hidden_channels": 16, "num_filters": 16, "num_interactions": 1, "num_gaussians": 16,
                               "cutoff": 4.0}, progress=False)
-    settings = dict(n_replicas=2, temperature=300.0, timestep=0.5, total_time=150.0, criterion="rdf", rdf_window=3,
-                    check_every=10, observable="rdf", vacf_window=20, error_frames=2)
+    settings = dict(n_replicas=2, md=MDSettings(temperature=300.0, timestep=0.5), total_time=150.0, criterion="rdf",
+                    rdf_window=3, check_every=10, observable="rdf", vacf_window=20, error_frames=2)
     # A strict threshold stops both replicas of this barely trained model, naming the RDF. Two copies of
     # the model see the same verdicts: the criterion's window does not carry over from one model to the next.
     strict = evaluate([model, model], data, tmp_path / "strict", EvaluateSettings(**settings, threshold=0.5),

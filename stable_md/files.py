@@ -1,0 +1,89 @@
+"""Small file helpers every workflow uses: atomic writes, JSON, checkpoints, logs, content hashes.
+
+Nothing a user made is ever left half-written: every file goes to a temporary next to its
+target and is renamed onto it (:func:`atomic_write`).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed mid-write leaves its temporary behind; the next write of the same file removes it.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        # mkstemp makes the file private (0600); give it the permissions an ordinary new file gets.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: Path, what: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, with any failure (truncated, not ours, missing entries) reported as a ValueError that
+    names the file: ``what`` says whose checkpoint it is (e.g. "pretrain")."""
+    try:
+        return read(path)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read the {what} checkpoint; it is damaged (e.g. truncated) or was not "
+                         f"written by stable-md ({type(error).__name__}: {error}). Delete it to start over, or "
+                         f"rerun with --overwrite") from error
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON atomically (numpy scalars and arrays become numbers and lists)."""
+    text = json.dumps(payload, indent=1, default=json_default)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def truncate_jsonl_log(path: Path, last_epoch: int) -> None:
+    """Drop log rows of epochs after the checkpoint (a run killed between log and checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= last_epoch]
+    if len(kept) != len(rows):
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: what identifies a model file whatever path or working directory names it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
