@@ -401,7 +401,7 @@ class ReplicaSet:
     def run(self, n_steps: int, reporters: Sequence[Reporter] = (),
             progress: Optional[Callable[[int], None]] = None,
             callback: Optional[Callable[[ReplicaFrames], Optional[Iterable[int]]]] = None,
-            every: Optional[int] = None) -> int:
+            every: Optional[int] = None, keep_clock: bool = False) -> int:
         """Advance every running replica by ``n_steps``; returns the steps taken.
 
         Before each stretch of steps every reporter is asked how many steps remain until its
@@ -409,7 +409,9 @@ class ReplicaSet:
         ``report(replicas, frames)`` in list order, with one :class:`ReplicaFrames` shared among
         them (a reporter earlier in the list may mark replicas unstable; later ones see that in
         ``replicas``). ``progress(k)`` is told of every ``k`` steps done. Stops early when no
-        replica is left running.
+        replica is left running, or, with ``keep_clock``, goes on counting steps and reporting
+        without moving anything (a set that shares its reports with other processes must keep
+        reporting with them) until ``n_steps`` or until a reporter calls :meth:`halt`.
 
         ``callback(frames)`` every ``every`` steps, whose returned replica indices are frozen, is
         the older spelling of one reporter.
@@ -423,7 +425,8 @@ class ReplicaSet:
                 raise ValueError("a callback needs every >= 1 steps")
             reporters.append(CallbackReporter(callback, every))
         done = 0
-        while done < n_steps and not self.frozen.all():
+        self.halted = False
+        while done < n_steps and not self.halted and (keep_clock or not self.frozen.all()):
             chunk = min(n_steps - done, self.check_interval)
             waits = [reporter.steps_to_next(self.step) for reporter in reporters]
             for wait in waits:
@@ -431,7 +434,10 @@ class ReplicaSet:
                     if wait < 1:
                         raise ValueError(f"a reporter asked for its next report in {wait} steps; it must be >= 1")
                     chunk = min(chunk, wait)
-            self._advance(chunk)
+            if self.frozen.all():
+                self.step += chunk  # nothing moves; the clock and the reports go on
+            else:
+                self._advance(chunk)
             done += chunk
             if progress is not None:
                 progress(chunk)
@@ -441,6 +447,10 @@ class ReplicaSet:
                 for reporter in due:
                     reporter.report(self, frames)
         return done
+
+    def halt(self) -> None:
+        """End the current :meth:`run` after this report (for reporters that see more than this set)."""
+        self.halted = True
 
     def _advance(self, n_steps: int) -> None:
         start_positions, start_velocities = self._engine.read()

@@ -75,28 +75,6 @@ class TrajectoryReporter(Reporter):
         self.writer.write(frames.positions, frames.running)
 
 
-class StateLogReporter(Reporter):
-    """One state-log row per replica per report, with each replica's status as it is after the reporters
-    before this one; also keeps each replica's mean temperature over its running frames."""
-
-    def __init__(self, log: "StateLog", interval: int, n_replicas: int) -> None:
-        super().__init__(interval)
-        self.log = log
-        self.temperature_sum = np.zeros(n_replicas)
-        self.temperature_count = np.zeros(n_replicas, dtype=np.int64)
-
-    def report(self, replicas: "ReplicaSet", frames: "ReplicaFrames") -> None:
-        self.log.write(frames, replica_status(replicas))
-        measured = np.isfinite(frames.temperature)
-        self.temperature_sum[measured] += frames.temperature[measured]
-        self.temperature_count[measured] += 1
-
-    def mean_temperatures(self) -> list[Optional[float]]:
-        """[R] mean temperature in K over each replica's reported running frames (None: no frame)."""
-        return [float(total / count) if count else None
-                for total, count in zip(self.temperature_sum, self.temperature_count)]
-
-
 class VelocityRecorder(Reporter):
     """The velocities [R, N, 3] Å/fs of every step of the first ``n_steps`` steps (for a VACF).
 
@@ -177,16 +155,20 @@ class TrajectoryWriter:
         MD timestep in fs; ``interval`` steps between frames; ``first_step`` of the first frame.
     append:
         Continue existing files (after :func:`truncate_dcd` when resuming).
+    indices:
+        The replicas' numbers in the file names (default 0 .. n_replicas - 1; a process holding
+        part of the replicas names them by their place among all).
     """
 
     def __init__(self, directory: str | os.PathLike, numbers: Sequence[int], n_replicas: int, timestep: float,
                  interval: int, cell: Optional[np.ndarray] = None, first_step: int = 0,
-                 append: bool = False) -> None:
+                 append: bool = False, indices: Optional[Sequence[int]] = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.topology = replica_topology(numbers, cell)
         self.cell = None if cell is None else np.asarray(cell, dtype=np.float64)
-        self.paths = [self.directory / f"replica_{r:03d}.dcd" for r in range(n_replicas)]
+        indices = range(n_replicas) if indices is None else indices
+        self.paths = [self.directory / dcd_name(r) for r in indices]
         self._handles = []
         self._files = []
         for path in self.paths:
@@ -217,6 +199,11 @@ class TrajectoryWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def dcd_name(replica: int) -> str:
+    """The trajectory file of replica ``replica``: ``replica_000.dcd``, ..."""
+    return f"replica_{replica:03d}.dcd"
 
 
 def truncate_dcd(path: str | os.PathLike, n_frames: int) -> None:
@@ -258,12 +245,19 @@ class StateLog:
 
     def write(self, frames, status: Sequence[str]) -> None:
         """Rows for every replica of ``frames`` (a ReplicaFrames) with ``status`` per replica."""
+        self.write_rows(self.rows(frames, status))
+
+    @staticmethod
+    def rows(frames, status: Sequence[str], indices: Optional[Sequence[int]] = None) -> list[list]:
+        """The rows of ``frames``' replicas, numbered ``indices`` (default 0 .. R - 1)."""
         time_ps = frames.time / PS_IN_FS
-        for replica in range(len(frames.positions)):
-            self._writer.writerow([frames.step, f"{time_ps:.6f}", replica, status[replica],
-                                   _number(frames.potential_energy[replica]),
-                                   _number(frames.kinetic_energy[replica]),
-                                   _number(frames.temperature[replica], digits=2)])
+        indices = range(len(frames.positions)) if indices is None else indices
+        return [[frames.step, f"{time_ps:.6f}", int(number), status[replica],
+                 _number(frames.potential_energy[replica]), _number(frames.kinetic_energy[replica]),
+                 _number(frames.temperature[replica], digits=2)] for replica, number in enumerate(indices)]
+
+    def write_rows(self, rows: Sequence[Sequence]) -> None:
+        self._writer.writerows(rows)
         self._handle.flush()
 
     def close(self) -> None:

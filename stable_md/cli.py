@@ -51,6 +51,29 @@ def _add_md_options(p: argparse.ArgumentParser, defaults: MDSettings, integrator
                        help=f"torch device of the model: cpu, cuda, cuda:N (default: {defaults.device})")
 
 
+def _add_nproc_option(p: argparse.ArgumentParser, command: str, shared: str) -> None:
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help=f"processes to split the replicas over, one core each (default: 1); {shared}. For several "
+                        f"nodes start the processes with torchrun instead: torchrun --nproc-per-node N -m "
+                        f"stable_md.cli {command} ...")
+
+
+def _join_torchrun(args: argparse.Namespace) -> bool:
+    """Join the ranks torchrun started, if it started this process; returns whether this rank prints (rank 0 or
+    no torchrun). The other ranks' output goes to /dev/null."""
+    from stable_md.distributed import join_from_environment, started_by_torchrun
+
+    if not started_by_torchrun():
+        return True
+    if args.nproc != 1:
+        raise ValueError("--nproc is for local processes started by stable-md; under torchrun the ranks are "
+                         "torchrun's (--nproc-per-node), so leave --nproc out")
+    if join_from_environment().main:
+        return True
+    sys.stdout = open(os.devnull, "w")
+    return False
+
+
 def _md_settings(args: argparse.Namespace) -> MDSettings:
     """The MDSettings the MD options of ``args`` give."""
     return MDSettings(integrator=args.integrator, temperature=args.temperature, timestep=args.timestep,
@@ -257,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "spread evenly over it")
     p.add_argument("-o", "--output", required=True, help="run directory to write")
     p.add_argument("--replicas", type=_positive_int, default=32, help="number of replicas (default: 32)")
+    _add_nproc_option(p, "simulate", "each writes its replicas' trajectories; process 0 the log and checkpoint")
     _add_md_options(p, SIMULATE_MD, INTEGRATORS, "seed of velocities and Langevin noise", device=True)
     p.add_argument("--time", default="10ps",
                    help="simulated time per replica, e.g. 10ps, 500fs, 1ns; a bare number is ps (default: 10ps)")
@@ -313,11 +337,7 @@ def _add_refine_parser(commands) -> None:
                         "observables hold (default: 0.3)")
     _add_criterion_options(p, "training", "instability criterion")
     p.add_argument("--replicas", type=_positive_int, default=32, help="parallel replicas R (default: 32)")
-    p.add_argument("--nproc", type=_positive_int, default=1,
-                   help="processes to split the replicas over, one core each (default: 1); the estimator's "
-                        "sums and the gradient are shared over torch.distributed (gloo). For several nodes "
-                        "or GPUs start the ranks with torchrun instead: torchrun --nproc-per-node N -m "
-                        "stable_md.cli refine ...")
+    _add_nproc_option(p, "refine", "the estimator's sums and the gradient are shared over torch.distributed (gloo)")
     _add_md_options(p, MDSettings(), ("nose-hoover", "langevin"), "seed of velocities, the held-out frames and "
                                                                   "data minibatches")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=1000,
@@ -567,6 +587,7 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ImportError(f"simulate needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume exclude each other")
+    _join_torchrun(args)
     _check_device(args.device)
     total_time = parse_time_fs(args.time)
     if total_time < args.timestep:
@@ -580,10 +601,13 @@ def _simulate(args: argparse.Namespace) -> int:
         periodic=cell is not None, stability=args.stability, bond_threshold=args.threshold)
     print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
           f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
-          f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {args.platform}")
+          f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {args.platform}"
+          + ("" if args.nproc == 1 else f", over {args.nproc} processes"))
     summary = run_simulation(settings, starts, args.output, cell=cell, overwrite=args.overwrite,
                              resume=args.resume, progress=not args.no_progress,
-                             reference_positions=reference)
+                             reference_positions=reference, nproc=args.nproc)
+    if summary is None:  # a torchrun rank other than 0
+        return 0
     rate = summary["replica_steps_per_second"]
     print(f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
           f"({rate:.1f} replica-steps/s, {summary['ns_per_day_all_replicas']:.3f} ns/day over all replicas)")
@@ -599,17 +623,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _refine(args: argparse.Namespace) -> int:
-    from stable_md.distributed import join_from_environment, started_by_torchrun
     from stable_md.refinement import RefineSettings, refine
     from stable_md.units import parse_time_fs
 
-    if started_by_torchrun():
-        if args.nproc != 1:
-            raise ValueError("--nproc is for local processes started by stable-md; under torchrun the ranks are "
-                             "torchrun's (--nproc-per-node), so leave --nproc out")
-        group = join_from_environment()
-        if not group.main:  # rank 0 speaks for all
-            sys.stdout = open(os.devnull, "w")
+    _join_torchrun(args)
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume exclude each other")
     model = Path(args.model)

@@ -18,10 +18,10 @@ from typing import Optional
 import numpy as np
 
 from openmm_bridge.md_settings import MDSettings, flat_record
-from openmm_bridge.replicas import ReplicaSet, ReplicaSnapshot, snapshot_from_arrays, snapshot_to_arrays
-from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, StateLog, StateLogReporter,
-                                     TrajectoryReporter, TrajectoryWriter, replica_status, truncate_dcd,
-                                     truncate_state_log, write_topology)
+from openmm_bridge.replicas import ReplicaSet, maxwell_boltzmann, snapshot_from_arrays, snapshot_to_arrays
+from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, StateLog, TrajectoryReporter,
+                                     TrajectoryWriter, dcd_name, replica_status, truncate_dcd, truncate_state_log,
+                                     write_topology)
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
 from stable_md.reporting import StabilityMonitor
@@ -96,91 +96,173 @@ def clear_directory(directory: Path) -> None:
 
 def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: str | os.PathLike,
                    cell: Optional[np.ndarray] = None, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, reference_positions: Optional[np.ndarray] = None) -> dict:
+                   progress: bool = True, reference_positions: Optional[np.ndarray] = None, nproc: int = 1) -> dict:
     """Run the replicas from ``starts`` [R, N, 3] Å and write the run directory; returns the summary.
 
     With ``settings.stability == "bond"``, bonds and their reference lengths come from
     ``reference_positions`` [F, N, 3] Å (default: the starting frames); at every frame a
     replica whose bond lengths deviate by more than ``settings.bond_threshold`` Å is
     marked unstable and frozen (its trajectory ends with that frame).
+
+    ``nproc`` > 1 splits the replicas over that many processes (:mod:`stable_md.distributed`), each
+    with its own OpenMM Context, writing its replicas' trajectories; process 0 writes the state log,
+    the checkpoint and the summary. The replicas start as they would in one process (the thermostat's
+    noise is each process's own), and a resume needs the same ``nproc``.
     """
+    from stable_md.distributed import current_group, launch
+
     directory = Path(directory)
     if settings.stability not in STABILITY_CRITERIA:
         raise ValueError(f"unknown stability criterion {settings.stability!r}; expected one of "
                          f"{list(STABILITY_CRITERIA)}")
-    criterion = None
-    if settings.stability == "bond":
-        reference = starts if reference_positions is None else reference_positions
-        criterion = make_criterion("bond", CriterionInputs(detect_bonds(np.asarray(settings.numbers), reference, cell),
-                                                           cell), settings.bond_threshold)
+    group = current_group()
+    if nproc != 1 and group.distributed:
+        raise ValueError(f"--nproc {nproc} cannot be combined with ranks torchrun started ({group.size}); give one")
+    if not 1 <= max(nproc, group.size) <= settings.n_replicas:
+        raise ValueError(f"--nproc must lie in 1..{settings.n_replicas} (the number of replicas), got "
+                         f"{max(nproc, group.size)}")
     metadata = read_metadata(settings.model)
     check_cell_fits_cutoff(cell, metadata["cutoff"], f"simulate {settings.model}")
     warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model, "the starting structures")
     check_finite_positions(starts, "simulate: starting structures")
     check_directory(directory, overwrite, resume)
     record = {**flat_record(settings), "model_sha256": file_sha256(settings.model)}
-    if resume:
+    if resume and group.main:
         _check_same_run(directory, record)
+    arguments = (settings, np.asarray(starts), directory, cell, resume, progress, reference_positions, record)
+    if nproc == 1:
+        return _simulate_on_this_rank(*arguments)
+    return launch(nproc, _simulate_on_this_rank, arguments)
+
+
+def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, directory: Path,
+                           cell: Optional[np.ndarray], resume: bool, progress: bool,
+                           reference_positions: Optional[np.ndarray], record: dict) -> Optional[dict]:
+    """This process's replicas of the run (all of them with one process); rank 0 returns the summary."""
+    from stable_md.distributed import current_group
+
+    group = current_group()
+    criterion = None
+    if settings.stability == "bond":
+        reference = starts if reference_positions is None else reference_positions
+        criterion = make_criterion("bond", CriterionInputs(detect_bonds(np.asarray(settings.numbers), reference, cell),
+                                                           cell), settings.bond_threshold)
+    mine = group.block(settings.n_replicas)
+    md = settings.md
     # Everything that can fail on the user's input (the model, the device, the force backend) fails here,
-    # before the run directory is touched.
-    replicas = ReplicaSet.from_settings(settings.model, settings.numbers, starts, settings.md, cell=cell,
-                                        backend=settings.backend, check_interval=min(settings.frame_interval, 50))
-    if not resume:
+    # before the run directory is touched. Velocities are drawn for all replicas and each process takes its
+    # block, so the replicas start alike whatever the number of processes.
+    velocities = maxwell_boltzmann(ReplicaSet.standard_masses(settings.numbers), settings.n_replicas,
+                                   md.temperature, md.seed)[mine]
+    replicas = ReplicaSet.from_settings(settings.model, settings.numbers, starts[mine],
+                                        md.with_changes(seed=md.seed + 7919 * group.rank), cell=cell,
+                                        velocities=velocities, backend=settings.backend,
+                                        check_interval=min(settings.frame_interval, 50))
+    group.barrier()
+    if not resume and group.main:
         clear_directory(directory)
         write_json(directory / SETTINGS_NAME, record)
         write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], cell)
-    wall_before = 0.0
+    saved = None
     if resume:
-        saved = _load_checkpoint(directory / CHECKPOINT_NAME)
-        replicas.restore(saved["snapshot"])
-        wall_before = saved["wall_seconds"]
-        for replica, frames in enumerate(saved["frames_written"]):
-            truncate_dcd(directory / f"replica_{replica:03d}.dcd", int(frames))
-        truncate_state_log(directory / STATE_LOG_NAME, replicas.step)
-    trajectories = TrajectoryWriter(directory, settings.numbers, settings.n_replicas, settings.md.timestep,
-                                    settings.frame_interval, cell=cell, append=resume)
-    state_log = StateLog(directory / STATE_LOG_NAME, append=resume)
+        saved = group.broadcast(_load_checkpoint(directory / CHECKPOINT_NAME) if group.main else None)
+        if len(saved["ranks"]) != group.size:
+            ranks = len(saved["ranks"])
+            raise ValueError(f"cannot resume {directory}: it ran on {ranks} process(es) (--nproc {ranks}), this "
+                             f"resume on {group.size}; resume it with --nproc {ranks}")
+        part = saved["ranks"][group.rank]
+        replicas.restore(part["snapshot"])
+        for replica, frames in zip(mine, part["frames_written"]):
+            truncate_dcd(directory / dcd_name(int(replica)), int(frames))
+        if group.main:
+            truncate_state_log(directory / STATE_LOG_NAME, replicas.step)
+    group.barrier()
+    trajectories = TrajectoryWriter(directory, settings.numbers, len(mine), md.timestep, settings.frame_interval,
+                                    cell=cell, append=resume, indices=mine)
+    state_log = StateLog(directory / STATE_LOG_NAME, append=resume) if group.main else None
     every = settings.frame_interval
     # A frame is written while its replica runs, then judged; the log shows the verdict; the checkpoint
     # comes last, so that a resume starts after a frame whose files are complete.
-    logger = StateLogReporter(state_log, every, settings.n_replicas)
+    logger = _SharedStateLog(state_log, every, group, mine)
+    checkpoint = _CheckpointReporter(directory / CHECKPOINT_NAME, every, trajectories, logger, group)
     reporters = [TrajectoryReporter(trajectories, every)]
     if criterion is not None:
         reporters.append(StabilityMonitor(criterion, every))
-    reporters += [logger, _CheckpointReporter(directory / CHECKPOINT_NAME, every, trajectories, logger)]
-    if resume:
-        logger.temperature_sum, logger.temperature_count = saved["temperature_sum"], saved["temperature_count"]
-    clock = reporters[-1]
-    clock.wall_before = wall_before
+    reporters += [logger, checkpoint]
+    if saved is not None:
+        logger.temperature_sum = part["temperature_sum"]
+        logger.temperature_count = part["temperature_count"]
+        checkpoint.wall_before = saved["wall_seconds"]
     if not resume:
         frames = replicas.frames()
         for reporter in reporters:
             reporter.report(replicas, frames)
-    bar = _progress_bar(settings.n_steps, replicas.step, progress)
+    bar = _progress_bar(settings.n_steps, replicas.step, progress and group.main)
     try:
         def advance(steps: int) -> None:
             if bar is not None:
                 bar.update(steps)
                 bar.set_postfix(unstable=int(replicas.unstable.sum()), refresh=False)
 
-        replicas.run(settings.n_steps - replicas.step, reporters=reporters, progress=advance)
+        # with several processes each goes on reporting (and its clock on) until all replicas everywhere stopped
+        if group.sum(int(replicas.running.sum())) > 0:
+            replicas.run(settings.n_steps - replicas.step, reporters=reporters, progress=advance,
+                         keep_clock=group.distributed)
     finally:
         if bar is not None:
             bar.close()
         trajectories.close()
-        state_log.close()
-    wall = clock.wall_seconds()
-    summary = _summary(settings, replicas, trajectories, logger.mean_temperatures(), wall, directory)
+        if state_log is not None:
+            state_log.close()
+    wall = checkpoint.wall_seconds()
+    mine_summary = _replica_entries(settings, replicas, trajectories, logger, mine)
+    everyone = group.gather(mine_summary)
+    if not group.main:
+        return None
+    summary = _summary(settings, replicas.step, [entry for part in everyone for entry in part], wall, directory)
     write_json(directory / SUMMARY_NAME, summary)
     return summary
 
 
-class _CheckpointReporter(Reporter):
-    """Writes the run's checkpoint (replicas, frames written, temperature sums, wall time) after every frame."""
+class _SharedStateLog(Reporter):
+    """State-log rows of every process's replicas, written by process 0, and each replica's mean temperature
+    over its running frames. With several processes it also ends the run everywhere once no replica runs."""
 
-    def __init__(self, path: Path, interval: int, trajectories: TrajectoryWriter, logger: StateLogReporter) -> None:
+    def __init__(self, log: Optional[StateLog], interval: int, group, indices: np.ndarray) -> None:
         super().__init__(interval)
-        self.path, self.trajectories, self.logger = path, trajectories, logger
+        self.log, self.group, self.indices = log, group, indices
+        self.temperature_sum = np.zeros(len(indices))
+        self.temperature_count = np.zeros(len(indices), dtype=np.int64)
+
+    def report(self, replicas: ReplicaSet, frames) -> None:
+        rows = StateLog.rows(frames, replica_status(replicas), self.indices)
+        measured = np.isfinite(frames.temperature)
+        self.temperature_sum[measured] += frames.temperature[measured]
+        self.temperature_count[measured] += 1
+        if not self.group.distributed:
+            self.log.write_rows(rows)
+            return
+        gathered = self.group.gather((rows, bool(replicas.running.any())))
+        halt = None
+        if self.group.main:
+            self.log.write_rows([row for part, _ in gathered for row in part])
+            halt = not any(running for _, running in gathered)
+        if self.group.broadcast(halt):
+            replicas.halt()
+
+    def mean_temperatures(self) -> list[Optional[float]]:
+        return [float(total / count) if count else None
+                for total, count in zip(self.temperature_sum, self.temperature_count)]
+
+
+class _CheckpointReporter(Reporter):
+    """Writes the run's checkpoint (every process's replicas, frames written, temperature sums; process 0's wall
+    time) after every frame, atomically, from process 0."""
+
+    def __init__(self, path: Path, interval: int, trajectories: TrajectoryWriter, logger: _SharedStateLog,
+                 group) -> None:
+        super().__init__(interval)
+        self.path, self.trajectories, self.logger, self.group = path, trajectories, logger, group
         self.wall_before = 0.0
         self.started = time.perf_counter()
 
@@ -188,35 +270,50 @@ class _CheckpointReporter(Reporter):
         return self.wall_before + time.perf_counter() - self.started
 
     def report(self, replicas: ReplicaSet, frames) -> None:
-        _save_checkpoint(self.path, replicas.snapshot(), self.trajectories.frames_written,
-                         self.logger.temperature_sum, self.logger.temperature_count, self.wall_seconds())
+        part = {"snapshot": snapshot_to_arrays(replicas.snapshot()),
+                "frames_written": self.trajectories.frames_written.copy(),
+                "temperature_sum": self.logger.temperature_sum.copy(),
+                "temperature_count": self.logger.temperature_count.copy()}
+        parts = self.group.gather(part)
+        if self.group.main:
+            _save_checkpoint(self.path, parts, self.wall_seconds())
 
 
-def _summary(settings: SimulationSettings, replicas: ReplicaSet, trajectories: TrajectoryWriter,
-             mean_temperatures: list, wall: float, directory: Path) -> dict:
-    steps_run = replicas.step
-    replica_steps = float(np.where(replicas.unstable, replicas.unstable_step, steps_run).sum())
-    per_replica = []
-    for r in range(settings.n_replicas):
+def _replica_entries(settings: SimulationSettings, replicas: ReplicaSet, trajectories: TrajectoryWriter,
+                     logger: _SharedStateLog, indices: np.ndarray) -> list[dict]:
+    """The summary's entry of each of this process's replicas, and the steps it ran stably."""
+    status = replica_status(replicas)
+    temperatures = logger.mean_temperatures()
+    entries = []
+    for local, replica in enumerate(indices):
         entry = {
-            "replica": r,
-            "status": replica_status(replicas)[r],
-            "unstable_at_ps": (float(replicas.unstable_step[r] * settings.md.timestep / PS_IN_FS)
-                               if replicas.unstable[r] else None),
-            "frames": int(trajectories.frames_written[r]),
-            "mean_temperature_K": mean_temperatures[r],
-            "trajectory": trajectories.paths[r].name,
+            "replica": int(replica),
+            "status": status[local],
+            "unstable_at_ps": (float(replicas.unstable_step[local] * settings.md.timestep / PS_IN_FS)
+                               if replicas.unstable[local] else None),
+            "frames": int(trajectories.frames_written[local]),
+            "mean_temperature_K": temperatures[local],
+            "trajectory": trajectories.paths[local].name,
         }
-        if r in replicas.reasons:
-            entry["reason"] = replicas.reasons[r]
-        per_replica.append(entry)
+        if local in replicas.reasons:
+            entry["reason"] = replicas.reasons[local]
+        entry["_stable_steps"] = int(replicas.unstable_step[local]) if replicas.unstable[local] else None
+        entries.append(entry)
+    return entries
+
+
+def _summary(settings: SimulationSettings, steps_run: int, entries: list[dict], wall: float,
+             directory: Path) -> dict:
+    replica_steps = float(sum(steps_run if entry["_stable_steps"] is None else entry["_stable_steps"]
+                              for entry in entries))
+    per_replica = [{k: v for k, v in entry.items() if k != "_stable_steps"} for entry in entries]
     simulated_ns = replica_steps * settings.md.timestep * 1e-6
     return {
         "settings": flat_record(settings),
         "completed": steps_run >= settings.n_steps,
         "steps": int(steps_run),
         "time_ps": steps_run * settings.md.timestep / PS_IN_FS,
-        "n_unstable": int(replicas.unstable.sum()),
+        "n_unstable": sum(entry["status"] == "unstable" for entry in per_replica),
         "wall_seconds": wall,
         "replica_steps_per_second": replica_steps / wall if wall > 0 else None,
         "ns_per_day_all_replicas": simulated_ns / wall * 86400 if wall > 0 else None,
@@ -256,10 +353,21 @@ def _check_same_run(directory: Path, record: dict) -> None:
                           "model_sha256": record["model_sha256"]})
 
 
-def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.ndarray,
-                     temperature_sum: np.ndarray, temperature_count: np.ndarray, wall_seconds: float) -> None:
-    arrays = {**snapshot_to_arrays(snapshot), "frames_written": frames_written, "temperature_sum": temperature_sum,
-              "temperature_count": temperature_count, "wall_seconds": np.array(wall_seconds)}
+_PART_ARRAYS = ("frames_written", "temperature_sum", "temperature_count")
+
+
+def _save_checkpoint(path: Path, parts: list[dict], wall_seconds: float) -> None:
+    """One npz for every process's part (a single part keeps the layout of checkpoints from before processes)."""
+    def flat(part: dict) -> dict:
+        return {**part["snapshot"], **{name: part[name] for name in _PART_ARRAYS}}
+
+    if len(parts) == 1:
+        arrays = flat(parts[0])
+    else:
+        arrays = {"n_ranks": np.array(len(parts))}
+        for rank, part in enumerate(parts):
+            arrays.update({f"rank{rank}__{name}": value for name, value in flat(part).items()})
+    arrays["wall_seconds"] = np.array(wall_seconds)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
@@ -269,11 +377,17 @@ def _save_checkpoint(path: Path, snapshot: ReplicaSnapshot, frames_written: np.n
 
 
 def _load_checkpoint(path: Path) -> dict:
+    """``{"ranks": [each process's snapshot, frames written and temperature sums], "wall_seconds": s}``."""
+    def part(data, prefix: str) -> dict:
+        arrays = {name[len(prefix):]: data[name] for name in data.files if name.startswith(prefix)}
+        return {"snapshot": snapshot_from_arrays(arrays),
+                **{name: np.array(arrays[name]) for name in _PART_ARRAYS}}
+
     def read(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as data:
-            return {"snapshot": snapshot_from_arrays(data), "frames_written": data["frames_written"],
-                    "temperature_sum": data["temperature_sum"].copy(),
-                    "temperature_count": data["temperature_count"].copy(),
+            prefixes = ([f"rank{rank}__" for rank in range(int(data["n_ranks"]))] if "n_ranks" in data.files
+                        else [""])
+            return {"ranks": [part(data, prefix) for prefix in prefixes],
                     "wall_seconds": float(data["wall_seconds"])}
 
     return read_checkpoint(path, "simulate", read)

@@ -215,6 +215,37 @@ def test_all_replicas_unstable_ends_the_run_early(pretrained_model, ethanol):
     assert replicas.unstable.all()
 
 
+def test_reporters_are_asked_when_they_want_frames_and_keep_clock_reports_on(pretrained_model, ethanol):
+    """Each reporter gets frames on its own interval (20 and 30 steps: 20, 30, 40, 60, ...), sharing one frame at
+    common steps; with keep_clock a set whose replicas all stopped still counts steps and reports (a process of a
+    multi-process run reports with the others) until a reporter calls halt()."""
+    from openmm_bridge.reporters import Reporter
+
+    class Steps(Reporter):
+        def __init__(self, interval: int, halt_at=None) -> None:
+            super().__init__(interval)
+            self.steps, self.frames, self.halt_at = [], [], halt_at
+
+        def report(self, replicas, frames) -> None:
+            self.steps.append(frames.step)
+            self.frames.append(frames)
+            if frames.step == self.halt_at:
+                replicas.halt()
+
+    replicas = ReplicaSet(pretrained_model, ethanol.numbers, _starts(ethanol, 2), integrator="langevin")
+    twenty, thirty = Steps(20), Steps(30)
+    assert replicas.run(60, reporters=[twenty, thirty]) == 60
+    assert twenty.steps == [20, 40, 60] and thirty.steps == [30, 60]
+    assert twenty.frames[-1] is thirty.frames[-1]  # one ReplicaFrames for both at step 60
+    replicas.freeze([0, 1])
+    assert replicas.run(100, reporters=[Steps(20)]) == 0  # nothing runs: an ordinary set stops
+    late = Steps(20, halt_at=120)
+    before = replicas.positions()
+    assert replicas.run(100, reporters=[late], keep_clock=True) == 60
+    assert late.steps == [80, 100, 120] and replicas.step == 120
+    np.testing.assert_array_equal(replicas.positions(), before)
+
+
 def test_periodic_box_replicas_with_unwrapped_positions(tmp_path):
     torch.manual_seed(0)
     potential, hyper = build_potential("schnet", [1, 6, 8], **SMALL_HYPERPARAMETERS["schnet"])
