@@ -431,6 +431,9 @@ def _add_evaluate_parser(commands) -> None:
     p.add_argument("--jobs", type=_positive_int, default=1,
                    help="models evaluated at once, one process and one thread each (default: 1; use the number "
                         "of cores)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="instead of --jobs: processes to split each model's replicas over, one core each "
+                        "(default: 1); uses several cores for a single model")
     _add_run_options(p, "replace an earlier evaluation in the output directory",
                      "finish an interrupted evaluation, skipping models done")
     p.set_defaults(func=_evaluate)
@@ -691,6 +694,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from stable_md.evaluation import EvaluateSettings, evaluate, summary_table
     from stable_md.units import parse_time_fs
 
+    from stable_md.distributed import started_by_torchrun
+
+    if started_by_torchrun():
+        raise ValueError("stable-md evaluate starts its own processes: run it without torchrun, with --nproc N")
     if args.vacf_window < 0:
         raise ValueError(f"--vacf-window must be >= 0 steps, got {args.vacf_window}")
     data = load_dataset(args.data, units=args.units)
@@ -704,7 +711,7 @@ def _evaluate(args: argparse.Namespace) -> int:
           f"of {data.source}; {settings.md.integrator} at {settings.md.temperature:g} K for up to "
           f"{settings.total_time / 1000:g} ps; {settings.criterion} criterion at {settings.threshold:g} Å")
     report = evaluate(args.models, data, args.output, settings, labels=args.label, jobs=args.jobs,
-                      overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+                      overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, nproc=args.nproc)
     reweighting = report["reference"]["reweighting"]
     if reweighting:
         print(f"reference {observable}: data reweighted from {reweighting['from_temperature_K']:g} K to "

@@ -122,11 +122,14 @@ class _ModelJob:
 
 def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Dataset, output: str | os.PathLike,
              settings: Optional[EvaluateSettings] = None, labels: Optional[Sequence[str]] = None, jobs: int = 1,
-             overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, resume: bool = False, progress: bool = True, nproc: int = 1) -> dict:
     """Evaluate ``models`` on identical held-out starts of ``data``; writes ``output``/evaluation.json and PNGs.
 
     Returns the report (the content of evaluation.json). ``jobs`` > 1 evaluates that
-    many models at once, each in its own process with one thread.
+    many models at once, each in its own process with one thread; ``nproc`` > 1 instead splits
+    each model's replicas over that many processes (:mod:`stable_md.distributed`), which also
+    uses several cores for a single model. The results do not depend on ``nproc`` beyond the
+    rounding of the model's batches (the replicas start alike; Nosé-Hoover has no noise).
     """
     settings = settings or EvaluateSettings()
     # Resolved, so that a resumed evaluation from another working directory finds the same files.
@@ -136,6 +139,11 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     labels = _labels(models, labels)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if nproc != 1 and jobs != 1:
+        raise ValueError(f"--jobs {jobs} and --nproc {nproc}: give one (--jobs runs models side by side, --nproc "
+                         f"splits each model's replicas)")
+    if not 1 <= nproc <= settings.n_replicas:
+        raise ValueError(f"--nproc must lie in 1..{settings.n_replicas} (the number of replicas), got {nproc}")
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other")
     metadata = {model: read_metadata(model) for model in models}
@@ -196,7 +204,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                          observable=observable, observable_reference=reference, error_data=error_data,
                          output=str(directory), progress=progress and jobs == 1)
                for model, label in zip(models, labels) if finished.get(label) is None]
-    _run_jobs(pending, jobs)
+    _run_jobs(pending, jobs, nproc)
     # results finished before this run were checked above; only the ones just written are read here
     results = [finished.get(label) or _load_result(directory, label, settings, model, hashes[model])
                for model, label in zip(models, labels)]
@@ -414,10 +422,14 @@ def _starting_frames(data: Dataset, held_out: np.ndarray, settings: EvaluateSett
 
 # -- one model ------------------------------------------------------------------------------------------------------
 
-def _run_jobs(jobs_to_run: list[_ModelJob], jobs: int) -> None:
+def _run_jobs(jobs_to_run: list[_ModelJob], jobs: int, nproc: int = 1) -> None:
+    if nproc > 1 and jobs_to_run:
+        from stable_md.distributed import launch
+
+        launch(nproc, _evaluate_models, (jobs_to_run,))
+        return
     if jobs == 1 or len(jobs_to_run) <= 1:
-        for job in jobs_to_run:
-            _evaluate_model(job)
+        _evaluate_models(jobs_to_run)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -429,12 +441,21 @@ def _run_jobs(jobs_to_run: list[_ModelJob], jobs: int) -> None:
             print(f"evaluated {label}", flush=True)
 
 
+def _evaluate_models(jobs_to_run: list[_ModelJob]) -> None:
+    """The models one after the other, each on this process's share of the replicas."""
+    for job in jobs_to_run:
+        _evaluate_model(job)
+
+
 def _evaluate_model(job: _ModelJob) -> str:
-    """Run one model's replicas and write ``models/<label>.json``; returns the label."""
+    """Run one model's replicas (this process's block of them) and, on process 0, write ``models/<label>.json``;
+    returns the label."""
     from stable_md._threads import limit_threads
+    from stable_md.distributed import current_group
 
     limit_threads()
-    from openmm_bridge.replicas import ReplicaSet
+    group = current_group()
+    from openmm_bridge.replicas import ReplicaSet, maxwell_boltzmann
     from openmm_bridge.reporters import VelocityRecorder
     from stable_md.pretrain import prediction_errors
     from stable_md.reporting import DisplacementRecorder, ObservableAverager, StabilityMonitor
@@ -442,20 +463,25 @@ def _evaluate_model(job: _ModelJob) -> str:
     s = job.settings
     started = time.perf_counter()
     model = load_model(job.model)
-    errors = prediction_errors(model.module, job.error_data)
+    errors = prediction_errors(model.module, job.error_data) if group.main else None
     criterion, observable = job.criterion, job.observable
-    replicas = ReplicaSet.from_settings(model, job.numbers, job.starts, s.md, cell=job.cell,
-                                        check_interval=min(s.check_every, 50))
     n_replicas = len(job.starts)
+    mine = group.block(n_replicas)
+    # velocities drawn for all replicas, each process taking its block: the replicas start alike whatever nproc
+    velocities = maxwell_boltzmann(ReplicaSet.standard_masses(job.numbers), n_replicas, s.md.temperature,
+                                   s.md.seed)[mine]
+    replicas = ReplicaSet.from_settings(model, job.numbers, job.starts[mine],
+                                        s.md.with_changes(seed=s.md.seed + 7919 * group.rank), cell=job.cell,
+                                        velocities=velocities, check_interval=min(s.check_every, 50))
     # Order matters: the sampler and the recorders after the monitor skip the replicas it has just stopped.
     monitor = StabilityMonitor(criterion, s.check_every)
     averager = ObservableAverager(observable, s.check_every, job.cell)
-    velocities = VelocityRecorder(min(s.vacf_window, s.n_steps))
-    reporters = [monitor, averager, velocities]
+    recorder = VelocityRecorder(min(s.vacf_window, s.n_steps))
+    reporters = [monitor, averager, recorder]
     displacements = None
     if job.cell is not None:
         heavy = np.flatnonzero(job.numbers > 1) if (job.numbers > 1).any() else np.arange(len(job.numbers))
-        displacements = DisplacementRecorder(s.check_every, heavy, job.cell, n_replicas)
+        displacements = DisplacementRecorder(s.check_every, heavy, job.cell, len(mine))
         reporters.append(displacements)
     # The starts are data frames, not the model's: they are checked (and are the MSD's origin) but not sampled,
     # so a model none of whose replicas passes a check after t = 0 gets no observable error.
@@ -463,7 +489,7 @@ def _evaluate_model(job: _ModelJob) -> str:
     monitor.check(replicas, start.positions, start.running)
     if displacements is not None:
         displacements.record(start.positions, start.running & ~replicas.unstable)
-    bar = _bar(job, s.n_steps)
+    bar = _bar(job, s.n_steps) if group.main else None
 
     def advance(steps: int) -> None:
         if bar is not None:
@@ -475,15 +501,31 @@ def _evaluate_model(job: _ModelJob) -> str:
     finally:
         if bar is not None:
             bar.close()
-    vacf = _vacf(velocities.stacked(), velocities.stable, s) if velocities.velocities else None
+    # every process's part, in replica order, to process 0
+    parts = group.gather({
+        "unstable": replicas.unstable, "unstable_step": replicas.unstable_step,
+        "reasons": {int(mine[k]): reason for k, reason in replicas.reasons.items()},
+        "total": averager.total, "count": averager.count,
+        "vacf_curves": _vacf_curves(recorder.stacked(), recorder.stable) if recorder.velocities else None,
+        "diffusion": (None if displacements is None
+                      else _diffusion_values(displacements.unwrapped, displacements.stable_frames, s))})
+    if not group.main:
+        return job.label
+    unstable = np.concatenate([part["unstable"] for part in parts])
+    unstable_step = np.concatenate([part["unstable_step"] for part in parts])
+    reasons = {k: v for part in parts for k, v in part["reasons"].items()}
+    totals = [part["total"] for part in parts if part["total"] is not None]
+    count = sum(part["count"] for part in parts)
+    curves = [part["vacf_curves"] for part in parts if part["vacf_curves"] is not None and len(part["vacf_curves"])]
+    vacf = _vacf(np.concatenate(curves), s) if curves else None
     # A replica that never failed ran the whole time (the run only ends early when all have failed).
-    stable_steps = np.where(replicas.unstable, replicas.unstable_step, s.n_steps)
+    stable_steps = np.where(unstable, unstable_step, s.n_steps)
     stable_ps = stable_steps * s.md.timestep / 1000.0
-    mean_curve = averager.mean(len(job.observable_reference))
+    mean_curve = (sum(totals[1:], totals[0]) / count if totals else np.zeros(len(job.observable_reference)))
     width = float(observable.x[1] - observable.x[0])
-    error = float(np.abs(mean_curve - job.observable_reference).sum() * width) if averager.count else None
+    error = float(np.abs(mean_curve - job.observable_reference).sum() * width) if count else None
     times = np.arange(0, s.n_steps + 1, s.check_every) * s.md.timestep / 1000.0
-    fraction = [float(np.mean(replicas.unstable & (stable_ps <= t + 1e-9))) for t in times]
+    fraction = [float(np.mean(unstable & (stable_ps <= t + 1e-9))) for t in times]
     result: dict[str, Any] = {
         "label": job.label,
         "model": job.model,
@@ -491,18 +533,18 @@ def _evaluate_model(job: _ModelJob) -> str:
         "settings": flat_record(s),
         "n_replicas": n_replicas,
         "stable_time_ps": stable_ps.tolist(),
-        "unstable": replicas.unstable.tolist(),
-        "reasons": {str(k): v for k, v in sorted(replicas.reasons.items())},
-        "n_unstable": int(replicas.unstable.sum()),
-        "unstable_fraction_end": float(replicas.unstable.mean()),
+        "unstable": unstable.tolist(),
+        "reasons": {str(k): v for k, v in sorted(reasons.items())},
+        "n_unstable": int(unstable.sum()),
+        "unstable_fraction_end": float(unstable.mean()),
         "mean_stable_time_ps": float(stable_ps.mean()),
         "unstable_fraction_curve": {"time_ps": times.tolist(), "fraction": fraction},
         "observable": {"name": observable.name, "x": observable.x.tolist(), "mean": mean_curve.tolist(),
-                       "samples": int(averager.count), "error": error,
+                       "samples": int(count), "error": error,
                        "error_definition": "∫|g − g_ref| dr over the bins (0: identical)"},
         "vacf": vacf,
-        "diffusion": (None if displacements is None
-                      else _diffusion(displacements.unwrapped, displacements.stable_frames, s)),
+        "diffusion": None if displacements is None else _diffusion(
+            [value for part in parts for value in part["diffusion"]], s),
         "errors": errors,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -510,22 +552,26 @@ def _evaluate_model(job: _ModelJob) -> str:
     return job.label
 
 
-def _vacf(velocities: np.ndarray, stable: np.ndarray, s: EvaluateSettings) -> Optional[dict]:
-    """Mean normalised VACF over the replicas still stable after the window; velocities [R, T, N, 3]."""
+def _vacf_curves(velocities: np.ndarray, stable: np.ndarray) -> Optional[np.ndarray]:
+    """[k, lags] normalised VACFs of the k replicas still stable after the window; velocities [R, T, N, 3]."""
     chosen = np.flatnonzero(stable)
     window = velocities.shape[1]
     if len(chosen) == 0 or window < 2:
         return None
-    curves = np.stack([velocity_autocorrelation(velocities[r], window=window // 2) for r in chosen])
+    return np.stack([velocity_autocorrelation(velocities[r], window=window // 2) for r in chosen])
+
+
+def _vacf(curves: np.ndarray, s: EvaluateSettings) -> dict:
+    """Mean and spread of the VACFs ``curves`` [k, lags] of the stable replicas."""
     lags = np.arange(curves.shape[1]) * s.md.timestep
     return {"lag_fs": lags.tolist(), "mean": curves.mean(axis=0).tolist(),
-            "std": curves.std(axis=0).tolist(), "replicas": int(len(chosen))}
+            "std": curves.std(axis=0).tolist(), "replicas": int(len(curves))}
 
 
-def _diffusion(unwrapped: list[np.ndarray], samples: np.ndarray, s: EvaluateSettings) -> Optional[dict]:
-    """Self-diffusion coefficient (m²/s) of the heavy atoms per replica over its stable checks."""
+def _diffusion_values(unwrapped: list[np.ndarray], samples: np.ndarray, s: EvaluateSettings) -> list[float]:
+    """Self-diffusion coefficient (m²/s) of the heavy atoms of each replica with 10 or more stable checks."""
     if not unwrapped:
-        return None
+        return []
     trajectory = np.stack(unwrapped, axis=1)  # [R, T, heavy, 3]
     interval = s.check_every * s.md.timestep
     values = []
@@ -534,6 +580,12 @@ def _diffusion(unwrapped: list[np.ndarray], samples: np.ndarray, s: EvaluateSett
             continue
         msd = mean_squared_displacement(trajectory[r, :n_frames], max_lag=n_frames // 2)
         values.append(diffusion_coefficient(msd, interval))
+    return values
+
+
+def _diffusion(values: list[float], s: EvaluateSettings) -> Optional[dict]:
+    """Mean and spread of the replicas' self-diffusion coefficients (m²/s)."""
+    interval = s.check_every * s.md.timestep
     if not values:
         return None
     return {"mean_m2_per_s": float(np.mean(values)), "std_m2_per_s": float(np.std(values)),

@@ -79,10 +79,6 @@ class ObservableAverager(Reporter):
         self.total = values.sum(axis=0) if self.total is None else self.total + values.sum(axis=0)
         self.count += len(values)
 
-    def mean(self, size: int) -> np.ndarray:
-        """The mean over all samples ([size] zeros when there were none)."""
-        return np.zeros(size) if self.total is None else self.total / self.count
-
 
 class DisplacementRecorder(Reporter):
     """Unwrapped positions of chosen atoms (minimum-image steps between reports, periodic box ``cell``) and,

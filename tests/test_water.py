@@ -87,3 +87,12 @@ def test_evaluate_a_water_model_with_the_rdf_criterion(tmp_path, water_file):
     assert diffusion is not None and diffusion["frame_interval_fs"] == 5.0
     assert np.isfinite(diffusion["mean_m2_per_s"]) and diffusion["mean_m2_per_s"] > 0
     assert (tmp_path / "eval" / "rdf.png").exists()
+    # The periodic box split over two processes (one replica each): the same verdicts, the MSD's diffusivities and
+    # the RDFs from the displacements and samples each process kept (float32 batches of 1 instead of 2 round
+    # differently, so to 1e-3 relative, and 1e-4 on RDF values of order 1).
+    split = evaluate([model], data, tmp_path / "split", EvaluateSettings(**settings, threshold=50.0),
+                     progress=False, nproc=2)["models"][0]
+    assert split["unstable"] == result["unstable"] and split["observable"]["samples"] == result["observable"]["samples"]
+    np.testing.assert_allclose(split["diffusion"]["per_replica_m2_per_s"], diffusion["per_replica_m2_per_s"],
+                               rtol=1e-3)
+    np.testing.assert_allclose(split["observable"]["mean"], result["observable"]["mean"], rtol=0, atol=1e-4)
