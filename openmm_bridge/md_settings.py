@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import numpy as np
+
 INTEGRATORS = ("langevin", "nose-hoover", "verlet")
 MODES = ("batched", "per-replica")
 PLATFORMS = ("CPU", "Reference", "CUDA", "OpenCL")
@@ -55,7 +57,7 @@ class MDSettings:
                 positive = False
             if not positive:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if int(self.seed) != self.seed:
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.device, str) and self.device):
             raise ValueError(f"device must name a torch device (cpu, cuda, cuda:N), got {self.device!r}")

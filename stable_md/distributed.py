@@ -11,8 +11,7 @@ Two ways to start ranks:
 - ``stable-md refine --nproc N`` (or :func:`launch`): N local processes on the gloo backend,
   rendezvous through a file, no network port;
 - ``torchrun --nproc-per-node N [--nnodes M ...] -m stable_md.cli refine ...``: the ranks
-  torchrun starts on one or several nodes (:func:`join_from_environment`; gloo on CPU, NCCL
-  when the ranks run on GPUs).
+  torchrun starts on one or several nodes (:func:`join_from_environment`, gloo).
 
 Rule for code that uses a group: every collective (``sum``, ``broadcast``, ``gather``) is
 called by all ranks in the same order, whatever their local state, or the ranks wait
@@ -117,7 +116,8 @@ def started_by_torchrun() -> bool:
 
 
 def join_from_environment(device: str = "cpu") -> ReplicaGroup:
-    """Join the ranks torchrun started (``env://``); a GPU rank takes the GPU of its ``LOCAL_RANK``."""
+    """Join the ranks torchrun started (``env://``): gloo, or NCCL with a ``cuda`` device, each rank then taking
+    the GPU of its ``LOCAL_RANK``. The commands join with ``cpu`` today (``--device`` for refine is not built)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         backend = "gloo"
         if device.startswith("cuda"):
@@ -127,19 +127,29 @@ def join_from_environment(device: str = "cpu") -> ReplicaGroup:
     return current_group()
 
 
-def rank_device(device: str, group: ReplicaGroup) -> str:
-    """The device a rank computes on: ``cuda`` becomes ``cuda:<local rank>`` when ranks share a node."""
-    if device == "cuda" and group.distributed:
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', group.rank)) % max(torch.cuda.device_count(), 1)}"
-    return device
-
-
 class RankFailed(RuntimeError):
     """A rank failed with an error that is not one of the user-input errors passed on as they are."""
 
 
-# Errors a rank passes to the launcher as they are (the CLI turns them into one line and exit code 2).
-_PASSED_ON = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ValueError, KeyboardInterrupt)
+# Errors a rank passes to the launcher as they are: the ones the CLI turns into one line and exit code 2.
+_PASSED_ON = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ImportError,
+              KeyError, KeyboardInterrupt)
+
+
+def _passable(error: BaseException) -> tuple[Optional[type], str]:
+    """The type and message the launcher re-raises for ``error``: its own type when that type can be made from
+    the message alone (``json.JSONDecodeError`` cannot), else the nearest passed-on type it derives from; ``None``
+    for an error that is not the user's (re-raised as :class:`RankFailed` with the rank's traceback)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    for kind in type(error).__mro__:
+        if not (isinstance(kind, type) and issubclass(kind, _PASSED_ON)):
+            continue
+        try:
+            kind(message)
+        except Exception:
+            continue
+        return kind, message
+    return None, message
 
 
 def launch(nproc: int, target: Callable[..., Any], args: Sequence = ()) -> Any:
@@ -163,17 +173,18 @@ def launch(nproc: int, target: Callable[..., Any], args: Sequence = ()) -> Any:
         store = Path(rendezvous) / "store"
         processes = [context.Process(target=_rank_main, args=(rank, nproc, str(store), target, args, results),
                                      name=f"stable-md rank {rank}", daemon=False) for rank in range(nproc)]
-        for process in processes:
-            process.start()
         outcome = None
         try:
+            for process in processes:
+                process.start()
             outcome = _wait(processes, results)
         finally:
             for process in processes:
                 if process.is_alive():
                     process.terminate()
             for process in processes:
-                process.join()
+                if process.pid is not None:  # started
+                    process.join()
     kind, payload = outcome
     if kind == "result":
         return pickle.loads(payload)
@@ -185,27 +196,36 @@ def _wait(processes: list, results) -> tuple[str, Any]:
     """Rank 0's result, or the first failure (an error a rank reported, or a rank that died)."""
     import multiprocessing.connection
 
-    result = None
-    pending = {process.sentinel: process for process in processes}
-    while pending:
-        ready = multiprocessing.connection.wait(list(pending) + [results._reader], timeout=None)
+    result, finished = None, set()
+
+    def read_reports() -> Optional[tuple[str, Any]]:
+        nonlocal result
         while not results.empty():
             kind, rank, payload = results.get()
             if kind == "error":
                 return "error", payload
+            finished.add(rank)
             if rank == 0:
                 result = payload
+        return None
+
+    pending = {process.sentinel: (rank, process) for rank, process in enumerate(processes)}
+    while pending:
+        ready = multiprocessing.connection.wait(list(pending) + [results._reader], timeout=None)
+        failure = read_reports()
+        if failure is not None:
+            return failure
         for sentinel in ready:
-            process = pending.pop(sentinel, None)
-            if process is not None:
-                process.join()  # its sentinel is ready: it has ended, join reaps it and sets exitcode
-            if process is not None and process.exitcode != 0:
-                while not results.empty():  # its own report, if it made one before dying
-                    kind, rank, payload = results.get()
-                    if kind == "error":
-                        return "error", payload
-                return "error", (None, None, f"{process.name} died with exit code {process.exitcode} "
-                                            f"(a negative code is the signal that ended it)")
+            if sentinel not in pending:
+                continue
+            rank, process = pending.pop(sentinel)
+            process.join()  # its sentinel is ready: it has ended, join reaps it and sets exitcode
+            failure = read_reports()  # its own report, if it made one before it ended
+            if failure is not None:
+                return failure
+            if rank not in finished:
+                return "error", (None, None, f"{process.name} ended with exit code {process.exitcode} before it "
+                                            f"finished (a negative code is the signal that ended it)")
     return "result", result
 
 
@@ -217,15 +237,20 @@ def _rank_main(rank: int, size: int, store: str, target: Callable, args: Sequenc
     try:
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
         value = target(*args)
+        torch.distributed.barrier()  # every rank done before any tears its connections down
         # plain pickle bytes: torch's queue pickler would pass tensors as shared memory, gone once the rank exits
         results.put(("result", rank, pickle.dumps(value) if rank == 0 else None))
     except BaseException as error:  # reported to the launcher, which stops the other ranks
-        passed = type(error) if isinstance(error, _PASSED_ON) else None
-        results.put(("error", rank, (passed, str(error), f"rank {rank}: " + traceback.format_exc())))
-        sys.exit(1)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        passed, message = _passable(error)
+        results.put(("error", rank, (passed, message, f"rank {rank}: " + traceback.format_exc())))
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception:  # the work is done and reported; a failing teardown changes nothing
+        pass
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def _die_with_parent() -> None:

@@ -55,7 +55,9 @@ MODELS_DIRECTORY = "models"
 # Settings that must agree between a model result on disk and a resumed evaluation.
 _RESUME_KEYS = ("n_replicas", "temperature", "timestep", "total_time", "integrator", "collision_frequency",
                 "friction", "criterion", "threshold", "check_every", "observable", "seed", "rdf_window",
-                "vacf_window")
+                "vacf_window", "mode")
+# What a key records had no place for before was in effect then (--mode came with MDSettings).
+_RECORDED_BEFORE = {"mode": "batched"}
 
 
 @dataclass
@@ -351,7 +353,8 @@ def _clear(directory: Path, existing: list[Path]) -> None:
 
 def _differing_settings(recorded: dict, current: dict) -> list[str]:
     """The settings a resumed evaluation must share with the earlier one (:data:`_RESUME_KEYS`) that differ."""
-    return [key for key in _RESUME_KEYS if recorded.get(key) != current.get(key)]
+    return [key for key in _RESUME_KEYS
+            if recorded.get(key, _RECORDED_BEFORE.get(key)) != current.get(key, _RECORDED_BEFORE.get(key))]
 
 
 def _check_same_plan(directory: Path, plan: dict, settings: dict) -> None:

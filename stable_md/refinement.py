@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -205,6 +205,33 @@ class RefineSettings:
 
 
 @dataclass
+class RefineState:
+    """Where a refine run is in Algorithm 1's loop; checkpointed (as JSON) after every epoch, so a run resumes
+    at the epoch, of either phase, after the last one it finished."""
+
+    phase: str = "simulation"  # the phase the next epoch belongs to
+    cycle: int = 0  # complete simulation + learning cycles
+    epoch: int = 0  # epochs of either phase done
+    phase_epochs: int = 0  # epochs of the current phase done
+    learning_epochs: int = 0
+    simulated_steps: int = 0  # MD steps of the simulation phases
+    nan_failures: int = 0  # learning steps skipped in a row
+    first_check_done: bool = False
+    observable_weights: Optional[list] = None  # in force (auto weights: from the first learning epoch on)
+    first_weights: Optional[list] = None  # the first learning epoch's auto weights
+    wall_seconds: float = 0.0
+    stopped_by: Optional[str] = None  # the budget or the problem that ended the run
+    seconds: dict = field(default_factory=lambda: {part: 0.0 for part in TIME_PARTS})  # where the time went
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RefineState":
+        return cls(**json.loads(text))
+
+
+@dataclass
 class RefineResult:
     """The refined model (in memory), the per-epoch history and the run summary."""
 
@@ -262,22 +289,22 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
     if group.main:
         _prepare(output, directory, overwrite, resume)
     group.barrier()
-    if isinstance(model, ModelFile):
-        model = model.path
     arguments = (model, data, output, directory, settings, resume, progress, announce is not None)
     if nproc == 1:
         return _refine_on_this_rank(*arguments, announce=announce)
+    # a launched rank loads the model file itself
+    arguments = (model.path if isinstance(model, ModelFile) else model,) + arguments[1:] + (None, True)
     outcome = launch(nproc, _refine_on_this_rank, arguments)
     return RefineResult(model=load_model(output).module, history=outcome["history"], summary=outcome["summary"],
                         output=output)
 
 
 def _refine_on_this_rank(model, data, output: Path, directory: Path, settings: RefineSettings, resume: bool,
-                         progress: bool, announcing: bool,
-                         announce: Optional[Callable[[str], None]] = None) -> RefineResult | dict:
-    """One rank's part of a refine run (the whole run with one process). A launched rank 0 returns the history
-    and summary (the model is in the output file); the CLI's ``announce`` cannot cross processes, so a launched
-    rank prints the line itself."""
+                         progress: bool, announcing: bool, announce: Optional[Callable[[str], None]] = None,
+                         launched: bool = False) -> RefineResult | dict:
+    """One rank's part of a refine run (the whole run with one process). A rank :func:`launch` started returns
+    the history and summary (rank 0; the model is in the output file); the CLI's ``announce`` cannot cross
+    processes, so such a rank prints the line itself."""
     from stable_md.distributed import current_group
 
     group = current_group()
@@ -285,7 +312,7 @@ def _refine_on_this_rank(model, data, output: Path, directory: Path, settings: R
     if announcing and group.main:
         (announce or (lambda line: print(line, flush=True)))(f"frames: {run.frames_note}")
     result = run.execute()
-    if announce is None and group.distributed:
+    if launched:
         return {"history": result.history, "summary": result.summary} if group.main else {}
     return result
 
@@ -340,12 +367,8 @@ class _Refinement:
         dtype = next(self.model.parameters()).dtype
         self.qm_data = DatasetTensors(self.train, dtype=dtype)
         self.rng = np.random.default_rng(settings.md.seed)
-        self.state = {"cycle": 0, "phase": "simulation", "epoch": 0, "learning_epochs": 0, "simulated_steps": 0,
-                      "nan_failures": 0, "wall_seconds": 0.0, "stopped_by": None, "first_check_done": False,
-                      "phase_epochs": 0,
-                      "observable_weights": None if settings.auto_weights else list(settings.observable_weights),
-                      "first_weights": None,
-                      "seconds": {part: 0.0 for part in TIME_PARTS}}
+        self.state = RefineState(observable_weights=None if settings.auto_weights
+                                 else list(settings.observable_weights))
         self.history: list[dict] = []
         self.first_means: Optional[dict[str, list]] = None
         self.last_means: Optional[dict[str, list]] = None
@@ -369,8 +392,9 @@ class _Refinement:
         if missing:
             raise ValueError(f"{self.data.source} contains elements the model {self.model_file.path} was not "
                              f"trained on (atomic numbers {missing}; the model knows {sorted(known)})")
-        warn_if_other_structures(self.model_file.metadata, self.data.numbers, self.data.periodic,
-                                 str(self.model_file.path), self.data.source)
+        if self.group.main:  # once, not once per process
+            warn_if_other_structures(self.model_file.metadata, self.data.numbers, self.data.periodic,
+                                     str(self.model_file.path), self.data.source)
 
     def _split(self) -> tuple[Dataset, Optional[Dataset], str]:
         """Training frames (starts, references, regularizer) and held-out frames (error report), with a note.
@@ -495,27 +519,30 @@ class _Refinement:
 
     # -- the loop ------------------------------------------------------------------------------------
     def execute(self) -> RefineResult:
+        """Algorithm 1, one epoch at a time: repeat {simulation epochs until f_max (or patience); learning epochs
+        until f_min (or patience)} until a budget is spent. After every epoch the state, the replicas and the
+        model are checkpointed, so a resumed run continues at the next epoch of whichever phase it was in."""
         from tqdm.auto import tqdm
 
         s = self.settings
-        started = time.perf_counter() - self.state["wall_seconds"]
-        bar = tqdm(total=s.max_epochs, initial=self.state["learning_epochs"],
+        started = time.perf_counter() - self.state.wall_seconds
+        bar = tqdm(total=s.max_epochs, initial=self.state.learning_epochs,
                    disable=not (self.progress and self.group.main), desc="refine", unit="learning epoch")
         try:
-            while self.state["stopped_by"] is None:
+            while self.state.stopped_by is None:
                 # rank 0's clock decides a wall-time budget for every rank
-                self.state["stopped_by"] = self.group.broadcast(self._budget_spent(started))
-                if self.state["stopped_by"] is not None:
+                self.state.stopped_by = self.group.broadcast(self._budget_spent(started))
+                if self.state.stopped_by is not None:
                     break
-                if self.state["phase"] == "simulation":
+                if self.state.phase == "simulation":
                     row = self._simulation_epoch()
                 else:
                     row = self._learning_epoch()
                     bar.update(1)
-                self.state["epoch"] += 1
-                self.state["wall_seconds"] = time.perf_counter() - started
-                row.update(epoch=self.state["epoch"], cycle=self.state["cycle"],
-                           wall_time_s=round(self.state["wall_seconds"], 2))
+                self.state.epoch += 1
+                self.state.wall_seconds = time.perf_counter() - started
+                row.update(epoch=self.state.epoch, cycle=self.state.cycle,
+                           wall_time_s=round(self.state.wall_seconds, 2))
                 self._advance_phase(row)
                 self.history.append(row)
                 if self.group.main:
@@ -530,40 +557,40 @@ class _Refinement:
 
     def _budget_spent(self, started: float) -> Optional[str]:
         s = self.settings
-        if self.state["cycle"] >= s.max_cycles:
+        if self.state.cycle >= s.max_cycles:
             return "cycles"
-        if self.state["learning_epochs"] >= s.max_epochs:
+        if self.state.learning_epochs >= s.max_epochs:
             return "epochs"
         if s.max_wall_time is not None and time.perf_counter() - started >= s.max_wall_time:
             return "wall time"
-        if (self.state["phase"] == "simulation"
-                and self.state["simulated_steps"] * s.md.timestep >= s.max_simulation_time):
+        if (self.state.phase == "simulation"
+                and self.state.simulated_steps * s.md.timestep >= s.max_simulation_time):
             return "simulation time"
         return None
 
     def _advance_phase(self, row: dict) -> None:
         s = self.settings
         if row["phase"] == "simulation":
-            self.state["phase_epochs"] += 1
-            patient = (s.simulation_patience is not None and self.state["phase_epochs"] >= s.simulation_patience
+            self.state.phase_epochs += 1
+            patient = (s.simulation_patience is not None and self.state.phase_epochs >= s.simulation_patience
                        and row["unstable_fraction"] > 0)
             if row["unstable_fraction"] >= s.f_max or patient:
                 # a fairly stable model would otherwise simulate for tens of ps before learning anything
                 row["learning_starts"] = "f_max" if row["unstable_fraction"] >= s.f_max else "simulation patience"
-                self.state["phase"] = "learning"
-                self.state["phase_epochs"] = 0
+                self.state.phase = "learning"
+                self.state.phase_epochs = 0
         elif row["phase"] == "learning":
-            self.state["phase_epochs"] += 1
-            patient = s.learning_patience is not None and self.state["phase_epochs"] >= s.learning_patience
+            self.state.phase_epochs += 1
+            patient = s.learning_patience is not None and self.state.phase_epochs >= s.learning_patience
             if row.get("stop"):
-                self.state["stopped_by"] = row["stop"]
+                self.state.stopped_by = row["stop"]
             elif row["unstable_fraction"] <= s.f_min or patient:
                 # Measured on aspirin: a replayed window whose unstable fraction stays near 0.09 kept one
                 # learning phase going for all 80 epochs, so the model only ever saw the first 0.5 ps.
                 row["learning_ends"] = "f_min" if row["unstable_fraction"] <= s.f_min else "learning patience"
-                self.state["phase"] = "simulation"
-                self.state["phase_epochs"] = 0
-                self.state["cycle"] += 1
+                self.state.phase = "simulation"
+                self.state.phase_epochs = 0
+                self.state.cycle += 1
 
     def _run_epoch(self) -> tuple[np.ndarray, np.ndarray]:
         """t steps of every running replica with stability checks; returns samples [S, N, 3] and newly unstable."""
@@ -578,12 +605,14 @@ class _Refinement:
         start_step = replicas.step
         started = time.perf_counter()
         done = replicas.run(s.steps_per_epoch, reporters=[sampler, monitor])
-        self.state["seconds"]["simulation"] += time.perf_counter() - started
-        if not self.state["first_check_done"]:
+        self.state.seconds["simulation"] += time.perf_counter() - started
+        if not self.state.first_check_done:
             # a sum over the ranks, made by each whether or not its replicas reached the check
-            first = self.group.sum([monitor.checks > 0, monitor.first_unstable or 0])
-            self.state["first_check_done"] = bool(first[0] > 0)
-            if self.state["first_check_done"] and int(first[1]) == s.n_replicas:
+            # a rank whose replicas all stopped (non-finite) before the check counts them all as unstable
+            first = self.group.sum([monitor.checks > 0, monitor.first_unstable if monitor.checks
+                                    else int(replicas.unstable.sum())])
+            self.state.first_check_done = bool(first[0] > 0)
+            if self.state.first_check_done and int(first[1]) == s.n_replicas:
                 raise RefineError(
                     f"all {s.n_replicas} replicas were unstable at the first check ({s.check_every} steps, "
                     f"{s.check_every * s.md.timestep:g} fs), e.g. {replicas.reasons.get(0, '')}; try a smaller "
@@ -601,11 +630,11 @@ class _Refinement:
         self.rewind_positions[running] = replicas.positions()[running]
         self.rewind_velocities[running] = replicas.velocities()[running]
         samples, newly = self._run_epoch()
-        self.state["simulated_steps"] += self.settings.steps_per_epoch
+        self.state.simulated_steps += self.settings.steps_per_epoch
         counts = self.group.sum([replicas.unstable.sum(), newly.sum()])
         row = {"phase": "simulation", "unstable_fraction": float(counts[0] / self.settings.n_replicas),
                "newly_unstable": int(counts[1]), "lr": self.optimizer.param_groups[0]["lr"],
-               "simulated_time_ps": self.state["simulated_steps"] * self.settings.md.timestep / 1000.0}
+               "simulated_time_ps": self.state.simulated_steps * self.settings.md.timestep / 1000.0}
         row.update(self._observable_losses(samples))
         return row
 
@@ -657,13 +686,13 @@ class _Refinement:
             self._remember_means(means)
             if not math.isfinite(loss):
                 problem = "non-finite observable loss"
-        self.state["seconds"]["estimator"] += time.perf_counter() - clock
+        self.state.seconds["estimator"] += time.perf_counter() - clock
         clock = time.perf_counter()
         qm_gradient = None
         if s.qm_weight > 0 and problem is None:
             qm_gradient, problem = self._energy_force_step(row)
         if problem is None and calibrating:
-            first = self.state.get("first_weights")
+            first = self.state.first_weights
             weights = epoch_weights(first, term_gradients, qm_gradient, s.observable_share)
             if weights is None:
                 # e.g. an observable that no sample changes: keep the first epoch's weights if there are any
@@ -673,7 +702,7 @@ class _Refinement:
                 problem = "observable gradient is zero, cannot calibrate --obs-weight auto"
             else:
                 if first is None:
-                    self.state["first_weights"] = list(weights)
+                    self.state.first_weights = list(weights)
                 self._apply_weights(weights)
                 row["observable_weights"] = weights
                 row["observable_loss"] = float(sum(w * v for w, v in zip(weights, losses.values())))
@@ -692,15 +721,15 @@ class _Refinement:
         if problem is None:
             self.optimizer.step()
             self.scheduler.step()
-            self.state["nan_failures"] = 0
+            self.state.nan_failures = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.state["nan_failures"] += 1
+            self.state.nan_failures += 1
             row["skipped"] = problem
-            if self.state["nan_failures"] >= s.nan_patience:
+            if self.state.nan_failures >= s.nan_patience:
                 row["stop"] = f"{s.nan_patience} skipped steps in a row ({problem})"
-        self.state["seconds"]["energy_force"] += time.perf_counter() - clock
-        self.state["learning_epochs"] += 1
+        self.state.seconds["energy_force"] += time.perf_counter() - clock
+        self.state.learning_epochs += 1
         return row
 
     def _shared_gradient(self) -> torch.Tensor:
@@ -736,7 +765,7 @@ class _Refinement:
         return qm_gradient, None
 
     def _apply_weights(self, weights: list[float]) -> None:
-        self.state["observable_weights"] = list(weights)
+        self.state.observable_weights = list(weights)
         for term, weight in zip(self.terms, weights):
             term.weight = weight
 
@@ -789,7 +818,7 @@ class _Refinement:
         payload = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ranks": ranks,
-            "state": json.dumps(self.state), "history": json.dumps(self.history, default=json_default),
+            "state": self.state.to_json(), "history": json.dumps(self.history, default=json_default),
             "rng": json.dumps(self.rng.bit_generator.state),
             "means": json.dumps({"first": self.first_means, "last": self.last_means}),
             "initial_errors": json.dumps(self.initial_errors),
@@ -821,17 +850,17 @@ class _Refinement:
         self.replicas.restore(snapshot_from_arrays(arrays))
         self.rewind_positions = mine["rewind_positions"].numpy().copy()
         self.rewind_velocities = mine["rewind_velocities"].numpy().copy()
-        self.state = json.loads(payload["state"])
-        self.state["stopped_by"] = None
-        if self.state["observable_weights"] is not None:
-            self._apply_weights(self.state["observable_weights"])
+        self.state = RefineState.from_json(payload["state"])
+        self.state.stopped_by = None
+        if self.state.observable_weights is not None:
+            self._apply_weights(self.state.observable_weights)
         self.history = json.loads(payload["history"])
         self.rng.bit_generator.state = json.loads(payload["rng"])
         means = json.loads(payload["means"])
         self.first_means, self.last_means = means["first"], means["last"]
         self.initial_errors = json.loads(payload["initial_errors"])
         if self.group.main:
-            truncate_jsonl_log(self.directory / LOG_NAME, self.state["epoch"])
+            truncate_jsonl_log(self.directory / LOG_NAME, self.state.epoch)
 
     # -- the end ---------------------------------------------------------------------------------------
     def _gradient_shares(self) -> list[float]:
@@ -857,12 +886,12 @@ class _Refinement:
                 f"--obs-weight {weights} (or a --qm-weight {factor:.3g} times smaller)")
 
     def _time_split(self) -> dict:
-        seconds = {part: round(self.state["seconds"][part], 1) for part in TIME_PARTS}
-        total = sum(self.state["seconds"].values())
+        seconds = {part: round(self.state.seconds[part], 1) for part in TIME_PARTS}
+        total = sum(self.state.seconds.values())
         first = next((k for k, row in enumerate(self.history) if row["phase"] == "learning"), None)
         before = self.history[:first] if first is not None else []
         return {"seconds": seconds,
-                "fractions": {part: round(self.state["seconds"][part] / total, 3) if total else None
+                "fractions": {part: round(self.state.seconds[part] / total, 3) if total else None
                               for part in TIME_PARTS},
                 # how long the first simulation phase took to find enough unstable replicas to learn from
                 "first_learning_epoch_after_ps": max((row.get("simulated_time_ps", 0.0) for row in before),
@@ -872,7 +901,7 @@ class _Refinement:
     def _median_weights(self) -> Optional[list[float]]:
         """Per observable, the median of the weights the learning epochs used (auto weights may change from epoch to epoch)."""
         if not self.settings.auto_weights:
-            return self.state["observable_weights"]
+            return self.state.observable_weights
         used = [row["observable_weights"] for row in self.history if "observable_weights" in row]
         return [float(v) for v in np.median(np.asarray(used), axis=0)] if used else None
 
@@ -882,36 +911,36 @@ class _Refinement:
         s = self.settings
         if not self.group.main:  # rank 0 holds the same model and history, and writes them
             return RefineResult(model=self.model, history=self.history, summary={}, output=self.output)
-        learned = self.state["learning_epochs"] > 0 and any(
+        learned = self.state.learning_epochs > 0 and any(
             row["phase"] == "learning" and "skipped" not in row for row in self.history)
         if learned:
             # Learning moves the constant energy offset, which no dynamics depend on; put it back.
             refit_energy_shifts(self.model, self.train)
-            stop = self.state["stopped_by"]
-            message = (f"{self.state['learning_epochs']} learning epochs in {self.state['cycle']} complete cycles; "
+            stop = self.state.stopped_by
+            message = (f"{self.state.learning_epochs} learning epochs in {self.state.cycle} complete cycles; "
                        + (f"stopped by the {stop} budget" if stop in BUDGETS else f"stopped: {stop}"))
         else:
             message = (f"no replica became unstable enough to learn from (f_max = {s.f_max}) in "
-                       f"{self.state['simulated_steps'] * s.md.timestep / 1000:g} ps of simulation; the model is unchanged")
+                       f"{self.state.simulated_steps * s.md.timestep / 1000:g} ps of simulation; the model is unchanged")
         shares = self._gradient_shares()
         summary = {
             "message": message,
             "advice": self._weight_advice(),
-            "observable_weights": self.state["observable_weights"],
+            "observable_weights": self.state.observable_weights,
             "observable_weights_median": self._median_weights(),
-            "observable_weights_first": self.state.get("first_weights"),
+            "observable_weights_first": self.state.first_weights,
             "observable_weights_from": (f"--obs-weight auto: calibrated at the first learning epoch and raised "
                                         f"on any epoch where the observables would hold less than "
                                         f"{100 * s.observable_share:g}% of its gradient norm"
                                         if s.auto_weights else "given (--obs-weight)"),
             "observable_gradient_share_median": float(np.median(shares)) if shares else None,
             "time_split": self._time_split(),
-            "stopped_by": self.state["stopped_by"],
+            "stopped_by": self.state.stopped_by,
             "refined": learned,
-            "cycles": self.state["cycle"],
-            "learning_epochs": self.state["learning_epochs"],
-            "simulated_time_ps": self.state["simulated_steps"] * s.md.timestep / 1000.0,
-            "wall_seconds": round(self.state["wall_seconds"], 1),
+            "cycles": self.state.cycle,
+            "learning_epochs": self.state.learning_epochs,
+            "simulated_time_ps": self.state.simulated_steps * s.md.timestep / 1000.0,
+            "wall_seconds": round(self.state.wall_seconds, 1),
             "train_frames": self.frames_note,
             "final_unstable_fraction": self.history[-1]["unstable_fraction"] if self.history else None,
             "test_errors_before": self.initial_errors,

@@ -123,7 +123,9 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
                          f"{max(nproc, group.size)}")
     metadata = read_metadata(settings.model)
     check_cell_fits_cutoff(cell, metadata["cutoff"], f"simulate {settings.model}")
-    warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model, "the starting structures")
+    if group.main:
+        warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model,
+                                 "the starting structures")
     check_finite_positions(starts, "simulate: starting structures")
     check_directory(directory, overwrite, resume)
     record = {**flat_record(settings), "model_sha256": file_sha256(settings.model)}

@@ -110,11 +110,28 @@ def _fail_on_rank_one() -> None:
     current_group().barrier()  # rank 0 would wait here forever; the launcher stops it
 
 
+def _raise_on_rank_one(kind: str) -> None:
+    import json
+
+    if current_group().rank == 1:
+        if kind == "json":
+            json.loads('{"epoch": 3, "cut')  # a log line cut by a kill: JSONDecodeError needs more than a message
+        raise KeyError("energy")
+    current_group().barrier()
+
+
 def test_a_failing_rank_stops_the_others_and_its_error_reaches_the_caller():
+    """A user-input error raised on one rank reaches the caller as the CLI's one-line kind (its own type, or the
+    nearest one that can be made from its message), while the rank waiting for it is stopped."""
     started = time.perf_counter()
     with pytest.raises(ValueError, match="rank one refuses"):
         launch(2, _fail_on_rank_one)
-    assert time.perf_counter() - started < 120
+    with pytest.raises(ValueError, match="Unterminated string") as caught:
+        launch(2, _raise_on_rank_one, ("json",))
+    assert type(caught.value) is ValueError
+    with pytest.raises(KeyError, match="energy"):
+        launch(2, _raise_on_rank_one, ("key",))
+    assert time.perf_counter() - started < 180
 
 
 def _log_without_wall_time(path: Path) -> list[dict]:
