@@ -43,7 +43,7 @@ from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.observables import (Observable, binned_observables, diffusion_coefficient, make_observable,
                                    mean_squared_displacement, reference_frames, velocity_autocorrelation)
 from stable_md.potentials.base import check_finite_predictions
-from stable_md.files import file_sha256, write_json
+from stable_md.files import RunLayout, file_sha256, write_json
 from stable_md.potentials.model_file import load_model, read_metadata
 from stable_md.reweighting import temperature_weights
 from stable_md.stability import BondGraph, Criterion, CriterionInputs, default_threshold, detect_bonds, make_criterion
@@ -319,35 +319,21 @@ def _labels(models: list[str], labels: Optional[Sequence[str]]) -> list[str]:
     return chosen
 
 
+# An empty models/ (a start that failed before its first plan or result) counts as no evaluation.
+RUN_LAYOUT = RunLayout("an evaluation", files=(REPORT_NAME, "plan.json", MODELS_DIRECTORY),
+                       started_by=(REPORT_NAME, "plan.json", MODELS_DIRECTORY, "*.png"),
+                       resume_from=MODELS_DIRECTORY, patterns=("*.png",), resume_verb="finish it")
+
+
 def _prepare(directory: Path, overwrite: bool, resume: bool) -> list[Path]:
     """Check that ``directory`` may take this evaluation; return what an overwrite will clear (nothing is
     touched here: every input is checked before the first write)."""
-    ours = [directory / REPORT_NAME, directory / "plan.json", directory / MODELS_DIRECTORY]
-    ours += sorted(directory.glob("*.png")) if directory.is_dir() else []
-    existing = [p for p in ours if p.exists()]
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{directory} exists and is not a directory; choose another --output")
-    if resume:
-        if not (directory / MODELS_DIRECTORY).is_dir():
-            raise FileNotFoundError(f"cannot resume: {directory} holds no earlier evaluation")
-        return []
-    # An empty models/ (a start that failed before its first plan or result) counts as no evaluation.
-    started = [p for p in existing if not p.is_dir() or any(p.glob("*.json"))]
-    if started and not overwrite:
-        raise FileExistsError(f"{directory} already holds an evaluation ({started[0].name}, ...); pass --overwrite "
-                              f"to replace it or --resume to finish it")
-    return existing
+    return RUN_LAYOUT.prepare(directory, overwrite, resume)
 
 
 def _clear(directory: Path, existing: list[Path]) -> None:
     """Remove an earlier evaluation's files (``_prepare``'s list) and make ``directory``/models."""
-    for path in existing:
-        if path.is_dir():
-            for child in path.glob("*.json"):
-                child.unlink()
-            path.rmdir()
-        else:
-            path.unlink()
+    RUN_LAYOUT.clear(existing)
     (directory / MODELS_DIRECTORY).mkdir(parents=True, exist_ok=True)
 
 

@@ -1,15 +1,17 @@
-"""Small file helpers every workflow uses: atomic writes, JSON, checkpoints, logs, content hashes.
+"""Small file helpers every workflow uses: atomic writes, JSON, checkpoints, logs, content hashes, run directories.
 
 Nothing a user made is ever left half-written: every file goes to a temporary next to its
 target and is renamed onto it (:func:`atomic_write`).
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,3 +89,66 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What a command writes into a run directory, and when that directory may take a new run.
+
+    A run has started there when one of ``started_by`` exists (a folder: when it holds a
+    file), so the files of a start that failed before its first checkpoint count as no run and
+    are cleared without --overwrite. Nothing is touched until :meth:`clear`, so every input
+    can be checked before the first write.
+    """
+
+    what: str  # "a refine run", "an evaluation": for messages
+    files: tuple[str, ...]  # the files (or folders of files) the command writes, by name
+    started_by: tuple[str, ...]  # names or glob patterns of those whose presence means a run started
+    resume_from: str  # the file (or folder) ``--resume`` continues from
+    patterns: tuple[str, ...] = ()  # further files the command writes, as glob patterns
+    resume_verb: str = "continue it"
+    folder_files: str = "*.json"  # what the command writes into a folder of ``files`` (only those are cleared)
+
+    def prepare(self, directory: Path, overwrite: bool, resume: bool) -> list[Path]:
+        """Check that ``directory`` may take a run (``resume``: continue the one there); return what :meth:`clear`
+        removes before a new run."""
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a directory; choose another output")
+        if resume:
+            if not (directory / self.resume_from).exists():
+                raise FileNotFoundError(f"cannot resume: {directory / self.resume_from} does not exist, so {directory} "
+                                        f"holds no {self.what.split(' ', 1)[1]} to resume")
+            return []
+        existing = [path for path in self.existing(directory)]
+        started = [path for path in existing if any(fnmatch.fnmatch(path.name, name) for name in self.started_by)
+                   and (not path.is_dir() or any(path.glob(self.folder_files)))]
+        if started and not overwrite:
+            raise FileExistsError(f"{directory} already holds {self.what} ({started[0].name}, ...); pass --overwrite "
+                                  f"to replace it or --resume to {self.resume_verb}")
+        return existing
+
+    def existing(self, directory: Path) -> list[Path]:
+        """The command's files now in ``directory``, in the order of ``files``, then the patterns' matches."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            return []
+        named = [directory / name for name in self.files if (directory / name).exists()]
+        return named + [path for pattern in self.patterns for path in sorted(directory.glob(pattern))]
+
+    def clear(self, paths: list[Path]) -> None:
+        """Delete ``paths`` (:meth:`prepare`'s list): files, and folders with the files the command put there (a
+        folder holding anything else is refused, naming it, before anything is deleted)."""
+        for path in paths:
+            strangers = [child for child in path.iterdir() if not child.match(self.folder_files)] \
+                if path.is_dir() else []
+            if strangers:
+                raise FileExistsError(f"{path} holds files stable-md did not write ({strangers[0].name}, ...); "
+                                      f"move them or choose another output")
+        for path in paths:
+            if path.is_dir():
+                for child in path.glob(self.folder_files):
+                    child.unlink()
+                path.rmdir()
+            elif path.exists():
+                path.unlink()

@@ -35,7 +35,8 @@ from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
-from stable_md.files import atomic_write, file_sha256, json_default, read_checkpoint, truncate_jsonl_log, write_json
+from stable_md.files import (RunLayout, atomic_write, file_sha256, json_default, read_checkpoint, truncate_jsonl_log,
+                             write_json)
 from stable_md.potentials.model_file import ModelFile, build_metadata, load_model, save_model
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
@@ -317,24 +318,16 @@ def _refine_on_this_rank(model, data, output: Path, directory: Path, settings: R
     return result
 
 
+# settings.json alone (or with a partial log) is what a start that failed before its first checkpoint leaves:
+# there is nothing to resume and nothing to keep, so it counts as no run.
+RUN_LAYOUT = RunLayout("a refine run", files=(LOG_NAME, CHECKPOINT_NAME, SETTINGS_NAME, SUMMARY_NAME),
+                       started_by=(CHECKPOINT_NAME, SUMMARY_NAME), resume_from=CHECKPOINT_NAME, patterns=("*.png",))
+
+
 def _prepare(output: Path, directory: Path, overwrite: bool, resume: bool) -> None:
-    if resume:
-        if not (directory / CHECKPOINT_NAME).exists():
-            raise FileNotFoundError(f"cannot resume: {directory / CHECKPOINT_NAME} does not exist")
-        return
-    if output.exists() and not overwrite:
+    if not resume and output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; refusing to overwrite it (pass --overwrite)")
-    ours = [directory / name for name in (LOG_NAME, CHECKPOINT_NAME, SETTINGS_NAME, SUMMARY_NAME)]
-    ours += sorted(directory.glob("*.png")) if directory.exists() else []
-    existing = [path for path in ours if path.exists()]
-    # settings.json alone (or with a partial log) is what a start that failed before its first checkpoint
-    # leaves: there is nothing to resume and nothing to keep, so it counts as no run.
-    started = [path for path in existing if path.name in (CHECKPOINT_NAME, SUMMARY_NAME)]
-    if started and not overwrite:
-        raise FileExistsError(f"{directory} already holds a refine run ({started[0].name}, ...); pass --overwrite "
-                              f"to replace it or --resume to continue it")
-    for path in existing:
-        path.unlink()
+    RUN_LAYOUT.clear(RUN_LAYOUT.prepare(directory, overwrite, resume))
 
 
 class _Refinement:

@@ -25,7 +25,7 @@ from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, St
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
 from stable_md.reporting import StabilityMonitor
-from stable_md.files import atomic_write, file_sha256, read_checkpoint, write_json
+from stable_md.files import RunLayout, atomic_write, file_sha256, read_checkpoint, write_json
 from stable_md.potentials.model_file import read_metadata
 from stable_md.stability import CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.units import PS_IN_FS
@@ -65,32 +65,15 @@ class SimulationSettings:
         return int(round(self.total_time / self.md.timestep))
 
 
-def output_files(directory: Path) -> list[Path]:
-    """The files of a run already in ``directory`` (any number of replicas)."""
-    names = [TOPOLOGY_NAME, STATE_LOG_NAME, SETTINGS_NAME, SUMMARY_NAME, CHECKPOINT_NAME]
-    fixed = [directory / name for name in names if (directory / name).exists()]
-    return fixed + sorted(directory.glob("replica_*.dcd"))
-
-
-def check_directory(directory: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an earlier run unless asked, before anything is written or deleted.
-
-    Files of a start that failed before its first frame (no checkpoint, no summary) count as no run.
-    """
-    if resume:
-        if not (directory / CHECKPOINT_NAME).exists():
-            raise FileNotFoundError(f"cannot resume: {directory / CHECKPOINT_NAME} does not exist")
-        return
-    started = [directory / name for name in (CHECKPOINT_NAME, SUMMARY_NAME) if (directory / name).exists()]
-    if started and not overwrite:
-        raise FileExistsError(f"{directory} already holds a run ({started[0].name}, ...); pass --overwrite to "
-                              f"replace it or --resume to continue it")
+# Files of a start that failed before its first frame (no checkpoint, no summary) count as no run.
+RUN_LAYOUT = RunLayout("a run", files=(TOPOLOGY_NAME, STATE_LOG_NAME, SETTINGS_NAME, SUMMARY_NAME, CHECKPOINT_NAME),
+                       started_by=(CHECKPOINT_NAME, SUMMARY_NAME), resume_from=CHECKPOINT_NAME,
+                       patterns=("replica_*.dcd",))
 
 
 def clear_directory(directory: Path) -> None:
     """Delete only the files a run writes (any number of replicas) and make sure the directory exists."""
-    for path in output_files(directory):
-        path.unlink()
+    RUN_LAYOUT.clear(RUN_LAYOUT.existing(directory))
     directory.mkdir(parents=True, exist_ok=True)
 
 
@@ -127,7 +110,7 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
         warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model,
                                  "the starting structures")
     check_finite_positions(starts, "simulate: starting structures")
-    check_directory(directory, overwrite, resume)
+    RUN_LAYOUT.prepare(directory, overwrite, resume)  # refuses to clobber an earlier run; touches nothing
     record = {**flat_record(settings), "model_sha256": file_sha256(settings.model)}
     if resume and group.main:
         _check_same_run(directory, record)

@@ -211,3 +211,24 @@ def test_a_replica_failing_at_the_last_check_counts_and_no_passed_check_means_no
     rows = {row[0]: dict(zip(TABLE_COLUMNS, row)) for row in table_rows(report)}
     assert rows["inverted"]["error"] == "n/a" and rows["inverted"]["unstable at end"] == "4/4"
     assert rows["inverted"]["median stable (ps) [95% CI]"].startswith("0.05 ")
+
+
+def test_an_overwrite_deletes_nothing_it_did_not_write(tmp_path):
+    """--overwrite clears an earlier evaluation's files, but a file of the user's in models/ stops it, named, before
+    anything is deleted."""
+    from stable_md.evaluation import RUN_LAYOUT
+
+    directory = tmp_path / "eval"
+    (directory / "models").mkdir(parents=True)
+    (directory / "models" / "a.json").write_text("{}")
+    (directory / "models" / "notes.txt").write_text("mine")
+    (directory / "evaluation.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds an evaluation \(evaluation.json, ...\)"):
+        RUN_LAYOUT.prepare(directory, overwrite=False, resume=False)
+    existing = RUN_LAYOUT.prepare(directory, overwrite=True, resume=False)
+    with pytest.raises(FileExistsError, match="models holds files stable-md did not write \\(notes.txt"):
+        RUN_LAYOUT.clear(existing)
+    assert (directory / "evaluation.json").exists() and (directory / "models" / "a.json").exists()
+    (directory / "models" / "notes.txt").unlink()
+    RUN_LAYOUT.clear(existing)
+    assert not (directory / "evaluation.json").exists() and not (directory / "models").exists()
