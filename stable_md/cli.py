@@ -191,16 +191,9 @@ def _observable_weight(text: str) -> float | str:
     return value
 
 
-def _fraction_or_zero(text: str) -> float:
+def _fraction_below_one(text: str) -> float:
     value = float(text)
-    if not (math.isfinite(value) and 0 <= value <= 1):
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
+    if not (math.isfinite(value) and 0 <= value < 1):
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
     return value
 
@@ -382,7 +375,7 @@ def _add_refine_parser(commands) -> None:
                         "use only its training frames so held-out frames stay held out, otherwise hold out "
                         "--holdout-fraction of the frames for the error report; pretrain: require the pretraining "
                         "frames; all: every frame of --data, none held out")
-    p.add_argument("--holdout-fraction", type=_fraction, default=0.1,
+    p.add_argument("--holdout-fraction", type=_fraction_below_one, default=0.1,
                    help="with --train-frames auto and a model not pretrained on --data: fraction of the frames "
                         "held out (random, --seed) for the before/after error report (default: 0.1)")
     _add_run_options(p, "replace an earlier output and run directory",

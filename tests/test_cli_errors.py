@@ -44,3 +44,18 @@ def test_an_internal_error_keeps_its_traceback(error, monkeypatch):
     monkeypatch.setattr(cli, "_info", fails)
     with pytest.raises(type(error)):
         cli.main(["info", "model.pt"])
+
+
+def test_fraction_options_take_their_own_ranges(capsys):
+    """--f-max takes (0, 1] (1: learn only once every replica is unstable), --f-min [0, 1], --holdout-fraction
+    [0, 1) and --obs-share (0, 1]: each bound is checked where the option is parsed, naming the range."""
+    parser = cli.build_parser()
+    base = ["refine", "model.pt", "--data", "d.xyz"]
+    args = parser.parse_args(base + ["--f-max", "1", "--f-min", "0", "--holdout-fraction", "0", "--obs-share", "1"])
+    assert (args.f_max, args.f_min, args.holdout_fraction, args.obs_share) == (1.0, 0.0, 0.0, 1.0)
+    for option, value, expected in (("--f-max", "0", "(0, 1]"), ("--holdout-fraction", "1", "[0, 1)"),
+                                    ("--f-min", "1.5", "[0, 1]"), ("--obs-share", "nan", "(0, 1]")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(base + [option, value])
+        assert exit_info.value.code == 2
+        assert f"expected a fraction in {expected}, got {value}" in capsys.readouterr().err
