@@ -66,9 +66,6 @@ class MDSettings:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))

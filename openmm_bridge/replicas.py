@@ -171,12 +171,27 @@ class ReplicaSet:
 
     @classmethod
     def from_settings(cls, model: nn.Module | ModelFile | str | os.PathLike, numbers: Sequence[int],
-                      positions: np.ndarray, md: MDSettings, **options) -> "ReplicaSet":
+                      positions: np.ndarray, md: MDSettings, part: Optional[np.ndarray] = None, stream: int = 0,
+                      **options) -> "ReplicaSet":
         """Replicas that run the MD of ``md`` (an :class:`~openmm_bridge.md_settings.MDSettings`); ``options`` are
-        the other arguments of the constructor (``cell``, ``velocities``, ``backend``, ``check_interval``, ...)."""
+        the other arguments of the constructor (``cell``, ``velocities``, ``backend``, ``check_interval``, ...).
+
+        ``part``: the indices, among all the replicas whose starts ``positions`` [R, N, 3] holds, of those this set
+        runs (a process's block). They start with the velocities the whole set would give them, so the replicas
+        start alike however they are split, and ``stream`` (the process's rank) gives the thermostat a random
+        stream of its own; part ``None`` with stream 0 is the whole set as one.
+        """
+        if part is not None:
+            positions = np.asarray(positions)
+            masses = options.get("masses")
+            masses = cls.standard_masses(numbers) if masses is None else np.asarray(masses, dtype=np.float64)
+            options.setdefault("velocities",
+                               maxwell_boltzmann(masses, len(positions), md.temperature, md.seed)[part])
+            positions = positions[part]
         return cls(model, numbers, positions, integrator=md.integrator, temperature=md.temperature,
                    timestep=md.timestep, friction=md.friction, collision_frequency=md.collision_frequency,
-                   seed=md.seed, mode=md.mode, platform=md.platform, device=md.device, **options)
+                   seed=md.seed + 7919 * int(stream), mode=md.mode, platform=md.platform, device=md.device,
+                   **options)
 
     # -- construction helpers ---------------------------------------------------------------------
     def _check_species(self) -> None:

@@ -58,20 +58,17 @@ def _add_nproc_option(p: argparse.ArgumentParser, command: str, shared: str) -> 
                         f"stable_md.cli {command} ...")
 
 
-def _join_torchrun(args: argparse.Namespace) -> bool:
-    """Join the ranks torchrun started, if it started this process; returns whether this rank prints (rank 0 or
-    no torchrun). The other ranks' output goes to /dev/null."""
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Join the ranks torchrun started, if it started this process; ranks other than 0 print to /dev/null."""
     from stable_md.distributed import join_from_environment, started_by_torchrun
 
     if not started_by_torchrun():
-        return True
+        return
     if args.nproc != 1:
         raise ValueError("--nproc is for local processes started by stable-md; under torchrun the ranks are "
                          "torchrun's (--nproc-per-node), so leave --nproc out")
-    if join_from_environment().main:
-        return True
-    sys.stdout = open(os.devnull, "w")
-    return False
+    if not join_from_environment().main:
+        sys.stdout = open(os.devnull, "w")
 
 
 def _md_settings(args: argparse.Namespace) -> MDSettings:

@@ -110,6 +110,18 @@ def current_group() -> ReplicaGroup:
     return SINGLE
 
 
+def check_ranks(nproc: int, n_replicas: int) -> int:
+    """The number of ranks a command will run on, checked: ``nproc`` local ones or torchrun's, not both, and at
+    most one per replica."""
+    group = current_group()
+    if nproc != 1 and group.distributed:
+        raise ValueError(f"--nproc {nproc} cannot be combined with ranks torchrun started ({group.size}); give one")
+    ranks = max(nproc, group.size)
+    if not 1 <= ranks <= n_replicas:
+        raise ValueError(f"--nproc must lie in 1..{n_replicas} (the number of replicas), got {ranks}")
+    return ranks
+
+
 def started_by_torchrun() -> bool:
     """Whether this process is one of several ranks started by torchrun (its environment says so)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ

@@ -144,8 +144,9 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     if nproc != 1 and jobs != 1:
         raise ValueError(f"--jobs {jobs} and --nproc {nproc}: give one (--jobs runs models side by side, --nproc "
                          f"splits each model's replicas)")
-    if not 1 <= nproc <= settings.n_replicas:
-        raise ValueError(f"--nproc must lie in 1..{settings.n_replicas} (the number of replicas), got {nproc}")
+    from stable_md.distributed import check_ranks
+
+    check_ranks(nproc, settings.n_replicas)
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other")
     metadata = {model: read_metadata(model) for model in models}
@@ -444,7 +445,7 @@ def _evaluate_model(job: _ModelJob) -> str:
 
     limit_threads()
     group = current_group()
-    from openmm_bridge.replicas import ReplicaSet, maxwell_boltzmann
+    from openmm_bridge.replicas import ReplicaSet
     from openmm_bridge.reporters import VelocityRecorder
     from stable_md.pretrain import prediction_errors
     from stable_md.reporting import DisplacementRecorder, ObservableAverager, StabilityMonitor
@@ -456,12 +457,9 @@ def _evaluate_model(job: _ModelJob) -> str:
     criterion, observable = job.criterion, job.observable
     n_replicas = len(job.starts)
     mine = group.block(n_replicas)
-    # velocities drawn for all replicas, each process taking its block: the replicas start alike whatever nproc
-    velocities = maxwell_boltzmann(ReplicaSet.standard_masses(job.numbers), n_replicas, s.md.temperature,
-                                   s.md.seed)[mine]
-    replicas = ReplicaSet.from_settings(model, job.numbers, job.starts[mine],
-                                        s.md.with_changes(seed=s.md.seed + 7919 * group.rank), cell=job.cell,
-                                        velocities=velocities, check_interval=min(s.check_every, 50))
+    # this process's block, started as in one process whatever nproc
+    replicas = ReplicaSet.from_settings(model, job.numbers, job.starts, s.md, part=mine, stream=group.rank,
+                                        cell=job.cell, check_interval=min(s.check_every, 50))
     # Order matters: the sampler and the recorders after the monitor skip the replicas it has just stopped.
     monitor = StabilityMonitor(criterion, s.check_every)
     averager = ObservableAverager(observable, s.check_every, job.cell)

@@ -276,17 +276,13 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
         Under torchrun (``torchrun -m stable_md.cli refine ...``) the ranks are torchrun's and
         ``nproc`` stays 1.
     """
-    from stable_md.distributed import current_group, launch
+    from stable_md.distributed import check_ranks, current_group, launch
 
     settings = settings or RefineSettings()
     output = Path(output)
     directory = Path(run_directory) if run_directory is not None else default_run_directory(output)
+    check_ranks(nproc, settings.n_replicas)
     group = current_group()
-    if nproc != 1 and group.distributed:
-        raise ValueError(f"--nproc {nproc} cannot be combined with ranks torchrun started ({group.size}); give one")
-    ranks = max(nproc, group.size)
-    if not 1 <= ranks <= settings.n_replicas:
-        raise ValueError(f"--nproc must lie in 1..{settings.n_replicas} (the number of replicas), got {ranks}")
     if group.main:
         _prepare(output, directory, overwrite, resume)
     group.barrier()
@@ -468,17 +464,13 @@ class _Refinement:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=s.lr_decay)
 
     def _build_replicas(self):
-        from openmm_bridge.replicas import ReplicaSet, maxwell_boltzmann
+        from openmm_bridge.replicas import ReplicaSet
 
         s = self.settings
-        mine = self.group.block(s.n_replicas)
-        # Starting velocities are drawn for all R replicas and each rank takes its block, so the replicas
-        # start alike whatever the number of ranks; the thermostat's random stream is each rank's own.
-        masses = ReplicaSet.standard_masses(self.train.numbers)
-        velocities = maxwell_boltzmann(masses, s.n_replicas, s.md.temperature, s.md.seed)[mine]
-        md = s.md.with_changes(seed=s.md.seed + 7919 * self.group.rank)
-        return ReplicaSet.from_settings(self.model, self.train.numbers, self.starts[mine], md, cell=self.cell,
-                                        velocities=velocities, check_interval=min(50, s.check_every, s.sample_every))
+        # this rank's block of the replicas, started as they would be in one process
+        return ReplicaSet.from_settings(self.model, self.train.numbers, self.starts, s.md,
+                                        part=self.group.block(s.n_replicas), stream=self.group.rank, cell=self.cell,
+                                        check_interval=min(50, s.check_every, s.sample_every))
 
     def _unstable_count(self) -> int:
         """Unstable replicas over all ranks."""

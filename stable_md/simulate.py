@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from openmm_bridge.md_settings import MDSettings, flat_record
-from openmm_bridge.replicas import ReplicaSet, maxwell_boltzmann, snapshot_from_arrays, snapshot_to_arrays
+from openmm_bridge.replicas import ReplicaSet, snapshot_from_arrays, snapshot_to_arrays
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, StateLog, TrajectoryReporter,
                                      TrajectoryWriter, dcd_name, replica_status, truncate_dcd, truncate_state_log,
                                      write_topology)
@@ -92,18 +92,14 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
     the checkpoint and the summary. The replicas start as they would in one process (the thermostat's
     noise is each process's own), and a resume needs the same ``nproc``.
     """
-    from stable_md.distributed import current_group, launch
+    from stable_md.distributed import check_ranks, current_group, launch
 
     directory = Path(directory)
     if settings.stability not in STABILITY_CRITERIA:
         raise ValueError(f"unknown stability criterion {settings.stability!r}; expected one of "
                          f"{list(STABILITY_CRITERIA)}")
+    check_ranks(nproc, settings.n_replicas)
     group = current_group()
-    if nproc != 1 and group.distributed:
-        raise ValueError(f"--nproc {nproc} cannot be combined with ranks torchrun started ({group.size}); give one")
-    if not 1 <= max(nproc, group.size) <= settings.n_replicas:
-        raise ValueError(f"--nproc must lie in 1..{settings.n_replicas} (the number of replicas), got "
-                         f"{max(nproc, group.size)}")
     metadata = read_metadata(settings.model)
     check_cell_fits_cutoff(cell, metadata["cutoff"], f"simulate {settings.model}")
     if group.main:
@@ -135,13 +131,9 @@ def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, dir
     mine = group.block(settings.n_replicas)
     md = settings.md
     # Everything that can fail on the user's input (the model, the device, the force backend) fails here,
-    # before the run directory is touched. Velocities are drawn for all replicas and each process takes its
-    # block, so the replicas start alike whatever the number of processes.
-    velocities = maxwell_boltzmann(ReplicaSet.standard_masses(settings.numbers), settings.n_replicas,
-                                   md.temperature, md.seed)[mine]
-    replicas = ReplicaSet.from_settings(settings.model, settings.numbers, starts[mine],
-                                        md.with_changes(seed=md.seed + 7919 * group.rank), cell=cell,
-                                        velocities=velocities, backend=settings.backend,
+    # before the run directory is touched.
+    replicas = ReplicaSet.from_settings(settings.model, settings.numbers, starts, md, part=mine, stream=group.rank,
+                                        cell=cell, backend=settings.backend,
                                         check_interval=min(settings.frame_interval, 50))
     group.barrier()
     if not resume and group.main:

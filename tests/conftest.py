@@ -88,3 +88,11 @@ def run_with_kills(command: list[str], moments: list[float], checkpoint: Path, d
             break
     assert done()
     return landed
+
+
+def log_without_wall_time(path: Path) -> list[dict]:
+    """The rows of a JSONL log without their wall-clock fields, which differ between otherwise identical runs."""
+    import json
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("wall_time_s", "wall_seconds")} for row in rows]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from openmm_bridge.md_settings import MDSettings
-from conftest import run_with_kills
+from conftest import log_without_wall_time, run_with_kills
 from stable_md.distributed import SINGLE, ReplicaGroup, current_group, launch
 
 pytest.importorskip("openmm")
@@ -134,12 +134,6 @@ def test_a_failing_rank_stops_the_others_and_its_error_reaches_the_caller():
     assert time.perf_counter() - started < 180
 
 
-def _log_without_wall_time(path: Path) -> list[dict]:
-    import json
-
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_time_s"} for line in path.read_text().splitlines()]
-
-
 def test_two_rank_refine_killed_at_random_moments_resumes_to_the_same_model(tmp_path, pretrained_model,
                                                                             ethanol_path):
     """Like tests/test_faults.py for one process: three SIGKILLs of `stable-md refine --nproc 2` (kill moments
@@ -160,8 +154,8 @@ def test_two_rank_refine_killed_at_random_moments_resumes_to_the_same_model(tmp_
     landed = run_with_kills(command(killed), moments, run / "checkpoint.pt", lambda: (run / "summary.json").exists())
     assert landed >= 2, f"only {landed} of 3 kills landed before the run ended"
     torch.testing.assert_close(_parameters(_loaded(killed)), _parameters(_loaded(reference)), rtol=0, atol=0)
-    assert _log_without_wall_time(run / "log.jsonl") == \
-        _log_without_wall_time(reference.with_suffix(".refine") / "log.jsonl")
+    assert log_without_wall_time(run / "log.jsonl") == \
+        log_without_wall_time(reference.with_suffix(".refine") / "log.jsonl")
     other = subprocess.run(_stable_md("refine", str(pretrained_model), "--data", str(ethanol_path), "-o",
                                       str(killed), *REFINE_ARGS, "--resume"),
                            env=ENV, capture_output=True, text=True, timeout=600)

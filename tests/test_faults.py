@@ -6,7 +6,6 @@ Each run is killed at moments drawn from a seeded generator as fractions of the 
 no run, and the next start needs neither --resume nor --overwrite)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_SCHNET, assert_same_simulate_runs, run_with_kills
+from conftest import FAST_SCHNET, assert_same_simulate_runs, log_without_wall_time, run_with_kills
 from stable_md.potentials import load_model
 
 pytest.importorskip("openmm")
@@ -50,11 +49,6 @@ def _parameters(path: Path) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in load_model(path).module.parameters()])
 
 
-def _without_wall_time(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("wall_time_s", "wall_seconds")} for row in rows]
-
-
 def test_pretrain_killed_at_random_moments_resumes_to_the_same_model(tmp_path, ethanol_path):
     def command(output: Path) -> list[str]:
         return _stable_md("pretrain", "--data", str(ethanol_path), "-o", str(output), "--n-train", "60", "--n-val",
@@ -69,7 +63,8 @@ def test_pretrain_killed_at_random_moments_resumes_to_the_same_model(tmp_path, e
                              killed.exists)
     assert landed >= 2, f"only {landed} of {KILLS} kills landed before the run ended"
     torch.testing.assert_close(_parameters(killed), _parameters(reference), rtol=0, atol=0)
-    assert _without_wall_time(killed.with_suffix(".log.jsonl")) == _without_wall_time(reference.with_suffix(".log.jsonl"))
+    assert log_without_wall_time(killed.with_suffix(".log.jsonl")) == \
+        log_without_wall_time(reference.with_suffix(".log.jsonl"))
     assert not killed.with_suffix(".ckpt.pt").exists() and not _stale_files(killed.parent)
 
 
@@ -88,7 +83,8 @@ def test_refine_killed_at_random_moments_resumes_to_the_same_model(tmp_path, pre
                              lambda: (run / "summary.json").exists())
     assert landed >= 2, f"only {landed} of {KILLS} kills landed before the run ended"
     torch.testing.assert_close(_parameters(killed), _parameters(reference), rtol=0, atol=0)
-    assert _without_wall_time(run / "log.jsonl") == _without_wall_time(reference.with_suffix(".refine") / "log.jsonl")
+    assert log_without_wall_time(run / "log.jsonl") == \
+        log_without_wall_time(reference.with_suffix(".refine") / "log.jsonl")
     assert not _stale_files(killed.parent)
 
 
