@@ -261,6 +261,7 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     if resume and checkpoint_path.exists():
         state = _load_checkpoint(checkpoint_path, run_identity, potential, optimizer, scheduler, generator)
         truncate_jsonl_log(log_path, state["epoch"])
+        _restore_last_log_row(log_path, state.get("last_row"))
     elif log_path.exists() and not overwrite:
         raise FileExistsError(f"{log_path} exists; refusing to overwrite it (use --overwrite)")
     elif log_path.exists():
@@ -294,12 +295,14 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
             state.update(best_val=val_force, best_epoch=state["epoch"],
                          best_model={k: v.detach().clone() for k, v in potential.state_dict().items()})
         state["elapsed_s"] = time.perf_counter() - start
-        row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], **epoch_stats,
-               "val_energy_mae_meV": val_errors["energy_mae_meV"], "val_force_mae_meV_per_A": val_force,
-               "wall_time_s": round(state["elapsed_s"], 3)}
-        with open(log_path, "a") as log:
-            log.write(json.dumps(row) + "\n")
+        state["last_row"] = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], **epoch_stats,
+                             "val_energy_mae_meV": val_errors["energy_mae_meV"],
+                             "val_force_mae_meV_per_A": val_force, "wall_time_s": round(state["elapsed_s"], 3)}
+        # checkpoint before log: a log without a checkpoint then only ever belongs to a finished run (a start killed
+        # in its first epoch leaves nothing, so the next start needs no --overwrite), and a row lost between the two
+        # is written again from the checkpoint on --resume
         _save_checkpoint(checkpoint_path, run_identity, state, potential, optimizer, scheduler, generator)
+        _append_log_row(log_path, state["last_row"])
         bar.update(1)
         bar.set_postfix(val_F_MAE=f"{val_force:.1f}", best=f"{state['best_val']:.1f}")
         if state["epoch"] - state["best_epoch"] >= settings.patience:
@@ -339,6 +342,21 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     save_model(potential, output, metadata, overwrite=True)
     checkpoint_path.unlink(missing_ok=True)
     return potential, report
+
+
+def _append_log_row(path: Path, row: dict) -> None:
+    with open(path, "a") as log:
+        log.write(json.dumps(row) + "\n")
+
+
+def _restore_last_log_row(path: Path, row: Optional[dict]) -> None:
+    """Append the checkpoint's last epoch row when the run was stopped after its checkpoint, before its log row."""
+    if row is None:  # a checkpoint written before the row was kept in it
+        return
+    rows = path.read_text().splitlines() if path.exists() else []
+    epochs = [json.loads(line).get("epoch", 0) for line in rows if line.strip()]
+    if not epochs or epochs[-1] < row["epoch"]:
+        _append_log_row(path, row)
 
 
 class TrainingDiverged(ValueError):

@@ -111,6 +111,46 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, ethanol_path):
     assert a["energy_mae_meV"] == pytest.approx(b["energy_mae_meV"], rel=1e-6)
 
 
+class _Stopped(BaseException):
+    """Stands for a SIGKILL at one exact point of pretrain (a BaseException, as nothing may catch it)."""
+
+
+@pytest.mark.parametrize("stop_at_epoch", [1, 3])
+def test_stop_between_checkpoint_and_log_row_resumes_to_the_same_log(tmp_path, ethanol_path, monkeypatch,
+                                                                     stop_at_epoch):
+    """A run stopped after an epoch's checkpoint but before its log row (in the first epoch too: CI once found a
+    start killed there refused with "log.jsonl exists") resumes with every row once, as an unstopped run logs."""
+    import stable_md.pretrain as pretrain_module
+
+    epochs = 4
+    reference = tmp_path / "straight.pt"
+    assert main(_cli_args(ethanol_path, reference, epochs)) == 0
+
+    stopped = tmp_path / "stopped.pt"
+    append = pretrain_module._append_log_row
+
+    def append_or_stop(path, row):
+        if row["epoch"] == stop_at_epoch:
+            raise _Stopped
+        append(path, row)
+
+    monkeypatch.setattr(pretrain_module, "_append_log_row", append_or_stop)
+    with pytest.raises(_Stopped):
+        main(_cli_args(ethanol_path, stopped, epochs))
+    monkeypatch.setattr(pretrain_module, "_append_log_row", append)
+    log = stopped.with_suffix(".log.jsonl")
+    assert stopped.with_suffix(".ckpt.pt").exists()
+    assert (len(log.read_text().splitlines()) if log.exists() else 0) == stop_at_epoch - 1
+
+    assert main(_cli_args(ethanol_path, stopped, epochs) + ["--resume"]) == 0
+
+    def rows(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_time_s"}
+                for line in path.read_text().splitlines()]
+
+    assert rows(log) == rows(reference.with_suffix(".log.jsonl"))
+
+
 def test_cli_refuses_to_overwrite_and_reports_bad_input(tmp_path, ethanol_path, capsys):
     existing = tmp_path / "model.pt"
     existing.write_text("user's file")
