@@ -17,23 +17,38 @@ from typing import Optional, Protocol
 
 import numpy as np
 import openmm
+import torch
 
 from openmm_bridge.forces import ModelCallback, make_force
 from openmm_bridge.integrators import build_integrator
 from openmm_bridge.md_settings import PLATFORMS, MDSettings
 
 
-def make_platform(name: str) -> tuple[openmm.Platform, dict[str, str]]:
-    """OpenMM platform ``name`` and its properties (one CPU thread: the model owns the cores)."""
+def make_platform(name: str, device: str = "cpu") -> tuple[openmm.Platform, dict[str, str]]:
+    """OpenMM platform ``name`` and its properties: one CPU thread (the model owns the cores), or on CUDA the
+    GPU of the torch ``device`` the model runs on."""
     if name not in PLATFORMS:
         raise ValueError(f"unknown OpenMM platform {name!r}; expected one of {list(PLATFORMS)}")
     try:
         platform = openmm.Platform.getPlatformByName(name)
     except Exception as error:
         available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-        raise ValueError(f"OpenMM platform {name!r} is not available here; available: {available}") from error
+        raise ValueError(f"OpenMM platform {name!r} is not available here (available: {available}); with "
+                         f"--device {device}, pass --platform CPU to integrate on the CPU while the model runs "
+                         f"on {device}, or install OpenMM's CUDA platform") from error
     properties = {"Threads": "1"} if name == "CPU" else {}
+    if name == "CUDA":
+        # mixed: single-precision forces, double-precision integration, so that NVE and Nosé-Hoover conserve
+        # their energies as on the CPU platform (CUDA's default, single, drifts)
+        properties.update(DeviceIndex=str(_gpu_index(device)), Precision="mixed")
     return platform, properties
+
+
+def _gpu_index(device: str) -> int:
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return 0
+    return parsed.index if parsed.index is not None else torch.cuda.current_device()
 
 
 class ReplicaEngine(Protocol):
@@ -109,7 +124,7 @@ class _Engine:
         return system
 
     def _new_context(self, system: openmm.System, integrator: openmm.Integrator) -> openmm.Context:
-        platform, properties = make_platform(self.platform_name)
+        platform, properties = make_platform(self.platform_name, self.device)
         return openmm.Context(system, integrator, platform, properties)
 
 

@@ -8,7 +8,7 @@ OpenMM, so settings can be made and checked where OpenMM is not installed.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -27,7 +27,8 @@ class MDSettings:
     friction: Langevin friction in 1/ps.
     collision_frequency: Nosé-Hoover collision frequency in 1/ps.
     seed: starting velocities and the thermostat's random stream.
-    platform: OpenMM platform: CPU, Reference, CUDA or OpenCL.
+    platform: OpenMM platform: CPU, Reference, CUDA or OpenCL; ``None`` (the default) matches the device:
+        CUDA for a ``cuda`` device (on the same GPU), CPU otherwise.
     mode: ``batched`` (all replicas in one Context, one batched model call) or ``per-replica``.
     device: torch device of the model (``cpu``, ``cuda``, ``cuda:N``).
     """
@@ -38,11 +39,15 @@ class MDSettings:
     friction: float = 1.0
     collision_frequency: float = 10.0
     seed: int = 0
-    platform: str = "CPU"
+    platform: Optional[str] = None
     mode: str = "batched"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.device, str) and self.device):
+            raise ValueError(f"device must name a torch device (cpu, cuda, cuda:N), got {self.device!r}")
+        if self.platform is None:  # a frozen dataclass: the resolved name is what records and resumes compare
+            object.__setattr__(self, "platform", platform_for_device(self.device))
         if self.integrator not in INTEGRATORS:
             raise ValueError(f"unknown integrator {self.integrator!r}; expected one of {list(INTEGRATORS)}")
         if self.mode not in MODES:
@@ -59,11 +64,12 @@ class MDSettings:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not (isinstance(self.device, str) and self.device):
-            raise ValueError(f"device must name a torch device (cpu, cuda, cuda:N), got {self.device!r}")
 
     def with_changes(self, **changes: Any) -> "MDSettings":
-        """A copy with some fields changed."""
+        """A copy with some fields changed; a new device brings its platform when the platform was the old
+        device's match (an explicitly chosen other platform is kept)."""
+        if "device" in changes and "platform" not in changes and self.platform == platform_for_device(self.device):
+            changes["platform"] = None
         return replace(self, **changes)
 
     @classmethod
@@ -74,6 +80,11 @@ class MDSettings:
     def from_dict(cls, values: dict) -> "MDSettings":
         """The MD fields of ``values`` (other keys ignored)."""
         return cls(**{name: values[name] for name in cls.names() if name in values})
+
+
+def platform_for_device(device: str) -> str:
+    """The OpenMM platform that matches a torch device: CUDA for ``cuda``/``cuda:N``, CPU otherwise."""
+    return "CUDA" if device.split(":", 1)[0] == "cuda" else "CPU"
 
 
 def flat_record(settings: Any) -> dict:

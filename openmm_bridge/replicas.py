@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import openmm
 from ase.data import atomic_masses
+import torch
 from torch import nn
 
 from openmm_bridge.engines import ENGINES, ReplicaEngine
@@ -35,6 +36,7 @@ from openmm_bridge.forces import BACKENDS, MAX_FORCE_EV_PER_A, ModelCallback
 from openmm_bridge.integrators import openmm_seed
 from openmm_bridge.md_settings import MDSettings
 from openmm_bridge.reporters import CallbackReporter, Reporter
+from stable_md.potentials.base import model_dtype_device
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.units import (ANGSTROM_PER_FS_IN_NM_PER_PS, KB_EV_PER_K, KB_KJ_PER_MOL_K, KJ_PER_MOL_IN_EV,
                              NM_IN_ANGSTROM)
@@ -112,9 +114,12 @@ class ReplicaSet:
     backend:
         ``python`` (openmm.PythonForce) or ``torch`` (openmmtorch.TorchForce).
     platform:
-        OpenMM platform. ``CPU`` (default, one thread) gives every Context its own random
-        stream; ``Reference`` shares one stream across the whole process, so two replica
-        sets (or per-replica Contexts) stepped in turn would change each other's noise.
+        OpenMM platform; default: CUDA on the model's GPU for a ``cuda`` device, else CPU.
+        ``CPU`` (one thread) gives every Context its own random stream; ``Reference`` shares
+        one stream across the whole process, so two replica sets (or per-replica Contexts)
+        stepped in turn would change each other's noise.
+    device:
+        Torch device the model runs on (``cpu``, ``cuda``, ``cuda:N``); a module elsewhere is moved there.
     masses:
         ``[N]`` amu; default: standard atomic masses.
     check_interval:
@@ -126,7 +131,7 @@ class ReplicaSet:
                  integrator: str = "langevin", temperature: float = 300.0, timestep: float = 0.5,
                  friction: float = 1.0, collision_frequency: float = 10.0, seed: int = 0,
                  velocities: Optional[np.ndarray] = None, mode: str = "batched", backend: str = "python",
-                 platform: str = "CPU", device: str = "cpu", masses: Optional[Sequence[float]] = None,
+                 platform: Optional[str] = None, device: str = "cpu", masses: Optional[Sequence[float]] = None,
                  check_interval: int = DEFAULT_CHECK_INTERVAL) -> None:
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model, device=device)
@@ -147,12 +152,18 @@ class ReplicaSet:
         self.settings = MDSettings(integrator=integrator, temperature=float(temperature), timestep=float(timestep),
                                    friction=float(friction), collision_frequency=float(collision_frequency),
                                    seed=int(seed), platform=platform, mode=mode, device=str(device))
+        if backend == "torch" and torch.device(device).type == "cuda" and self.settings.platform != "CUDA":
+            raise ValueError(f"--force torch runs the model inside OpenMM, on the {self.settings.platform} "
+                             f"platform's CPU, while --device {device} puts it on a GPU: use --platform CUDA, or "
+                             f"--force python")
+        if model_dtype_device(self.model)[1] != torch.device(device):
+            self.model.to(device)  # in place: a refine's optimizer keeps the module's parameters
         self.mode, self.backend, self.check_interval = mode, backend, int(check_interval)
         self.masses = self._masses(masses)
         self.cell = None if cell is None else _reduced_box(cell)
         box_nm = None if self.cell is None else self.cell / NM_IN_ANGSTROM
         self._engine: ReplicaEngine = ENGINES[mode](self.model, self.numbers, self.masses, self.n_replicas, box_nm,
-                                                    self.settings, backend, platform, device)
+                                                    self.settings, backend, self.settings.platform, device)
         # Energies for reports come from their own batched evaluator, whatever the force backend.
         self._energy_evaluator = ModelCallback(self.model, self.numbers, self.n_replicas,
                                                periodic=self.cell is not None, device=device,

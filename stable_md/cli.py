@@ -25,8 +25,8 @@ _INTEGRATOR_HELP = {"nose-hoover": "nose-hoover (one chain per replica, as the p
                     "langevin": "langevin (LangevinMiddle)", "verlet": "verlet (NVE)"}
 
 
-def _add_md_options(p: argparse.ArgumentParser, defaults: MDSettings, integrators: Sequence[str], seed_help: str,
-                    device: bool = False) -> None:
+def _add_md_options(p: argparse.ArgumentParser, defaults: MDSettings, integrators: Sequence[str],
+                    seed_help: str) -> None:
     """The MD options of simulate, refine and evaluate: one list of names (the fields of MDSettings)."""
     p.add_argument("--temperature", type=_positive_float, default=defaults.temperature,
                    help=f"K (default: {defaults.temperature:g})")
@@ -43,12 +43,16 @@ def _add_md_options(p: argparse.ArgumentParser, defaults: MDSettings, integrator
     p.add_argument("--mode", choices=list(MODES), default=defaults.mode,
                    help="batched: all replicas in one OpenMM Context, the model called once for all (default); "
                         "per-replica: one Context each")
-    p.add_argument("--platform", default=defaults.platform, choices=list(PLATFORMS),
-                   help=f"OpenMM platform for integration (default: {defaults.platform}, one thread; the model "
-                        f"runs in torch)")
-    if device:
-        p.add_argument("--device", default=defaults.device,
-                       help=f"torch device of the model: cpu, cuda, cuda:N (default: {defaults.device})")
+    p.add_argument("--platform", default=None, choices=list(PLATFORMS),
+                   help="OpenMM platform for integration (default: CUDA with a cuda --device, on the same GPU, "
+                        "else CPU with one thread; the model runs in torch)")
+    _add_device_option(p, defaults.device, "the model runs on")
+
+
+def _add_device_option(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    p.add_argument("--device", default=default,
+                   help=f"torch device {what}: cpu, cuda or cuda:N; with several processes (--nproc, torchrun) "
+                        f"cuda gives each its own GPU (default: {default})")
 
 
 def _add_nproc_option(p: argparse.ArgumentParser, command: str, shared: str) -> None:
@@ -60,6 +64,7 @@ def _add_nproc_option(p: argparse.ArgumentParser, command: str, shared: str) -> 
 
 def _join_torchrun(args: argparse.Namespace) -> None:
     """Join the ranks torchrun started, if it started this process; ranks other than 0 print to /dev/null."""
+    from stable_md.devices import check_device
     from stable_md.distributed import join_from_environment, started_by_torchrun
 
     if not started_by_torchrun():
@@ -67,6 +72,7 @@ def _join_torchrun(args: argparse.Namespace) -> None:
     if args.nproc != 1:
         raise ValueError("--nproc is for local processes started by stable-md; under torchrun the ranks are "
                          "torchrun's (--nproc-per-node), so leave --nproc out")
+    check_device(args.device)
     if not join_from_environment().main:
         sys.stdout = open(os.devnull, "w")
 
@@ -75,7 +81,7 @@ def _md_settings(args: argparse.Namespace) -> MDSettings:
     """The MDSettings the MD options of ``args`` give."""
     return MDSettings(integrator=args.integrator, temperature=args.temperature, timestep=args.timestep,
                       friction=args.friction, collision_frequency=args.collision_frequency, seed=args.seed,
-                      platform=args.platform, mode=args.mode, device=getattr(args, "device", "cpu"))
+                      platform=args.platform, mode=args.mode, device=args.device)
 
 
 def _add_run_options(p: argparse.ArgumentParser, overwrite_help: str, resume_help: str) -> None:
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many minutes, keeping the best model")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--hyper", type=_hyper_value, action="append", default=[], metavar="NAME=VALUE",
                    help="architecture hyperparameter, repeatable (e.g. --hyper cutoff=4.5)")
     _add_run_options(p, "replace an existing output file", "continue an interrupted run from its checkpoint")
@@ -271,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="run directory to write")
     p.add_argument("--replicas", type=_positive_int, default=32, help="number of replicas (default: 32)")
     _add_nproc_option(p, "simulate", "each writes its replicas' trajectories; process 0 the log and checkpoint")
-    _add_md_options(p, SIMULATE_MD, INTEGRATORS, "seed of velocities and Langevin noise", device=True)
+    _add_md_options(p, SIMULATE_MD, INTEGRATORS, "seed of velocities and Langevin noise")
     p.add_argument("--time", default="10ps",
                    help="simulated time per replica, e.g. 10ps, 500fs, 1ns; a bare number is ps (default: 10ps)")
     p.add_argument("--check-every", type=_positive_int, default=100,
@@ -489,7 +496,7 @@ def _pretrain(args: argparse.Namespace) -> int:
           f"({data.n_atoms} atoms, species {data.species})")
     _, report = pretrain(data, args.arch, output, split=split, settings=settings,
                          hyperparameters=dict(args.hyper), units=args.units, overwrite=args.overwrite,
-                         resume=args.resume, progress=not args.no_progress, announce=print)
+                         resume=args.resume, progress=not args.no_progress, announce=print, device=args.device)
     print(f"\nstopped by {report['stopped_by']} after {report['epochs']} epochs "
           f"(best epoch {report['best_epoch']}, {report['wall_time_s']:.0f} s, "
           f"{report['n_parameters']} parameters)")
@@ -558,18 +565,6 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device on this machine; "
-                         f"use --device cpu")
-
-
 def _simulate(args: argparse.Namespace) -> int:
     from stable_md.structures import starting_frames
     from stable_md.units import parse_time_fs
@@ -580,8 +575,10 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ImportError(f"simulate needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume exclude each other")
+    from stable_md.devices import check_device
+
     _join_torchrun(args)
-    _check_device(args.device)
+    check_device(args.device)
     total_time = parse_time_fs(args.time)
     if total_time < args.timestep:
         raise ValueError(f"--time {args.time} is shorter than one --timestep ({args.timestep} fs)")
@@ -594,7 +591,8 @@ def _simulate(args: argparse.Namespace) -> int:
         periodic=cell is not None, stability=args.stability, bond_threshold=args.threshold)
     print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
           f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
-          f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {args.platform}"
+          f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {settings.md.platform}, model on "
+          f"{args.device}"
           + ("" if args.nproc == 1 else f", over {args.nproc} processes"))
     summary = run_simulation(settings, starts, args.output, cell=cell, overwrite=args.overwrite,
                              resume=args.resume, progress=not args.no_progress,

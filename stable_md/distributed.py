@@ -127,15 +127,15 @@ def started_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def join_from_environment(device: str = "cpu") -> ReplicaGroup:
-    """Join the ranks torchrun started (``env://``): gloo, or NCCL with a ``cuda`` device, each rank then taking
-    the GPU of its ``LOCAL_RANK``. The commands join with ``cpu`` today (``--device`` for refine is not built)."""
+def join_from_environment() -> ReplicaGroup:
+    """Join the ranks torchrun started (``env://``), on gloo whatever the device.
+
+    Everything the ranks sum is a CPU copy (counts, the estimator's sums, the flattened gradient of
+    a few MB; see :meth:`ReplicaGroup.sum`), so NCCL would only add copies to the GPU and its abort
+    on a collective that waits longer than its timeout, while rank 0 writes plots. Each rank's model
+    takes its own GPU by :func:`stable_md.devices.this_rank_device`."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        backend = "gloo"
-        if device.startswith("cuda"):
-            backend = "nccl"
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend, init_method="env://")
+        torch.distributed.init_process_group("gloo", init_method="env://")
     return current_group()
 
 

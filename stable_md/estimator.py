@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.observables import Observable
-from stable_md.potentials.base import plain_execution
+from stable_md.potentials.base import model_dtype_device, plain_execution
 from stable_md.units import kT_eV
 
 DEFAULT_BATCH_SIZE = 256
@@ -93,15 +93,16 @@ def weighted_energy_backward(model: nn.Module, positions: Tensor, numbers: Tenso
 
     ``weights`` is ``[F]`` (per frame, total energy) or ``[F, N]`` (per atom, atomic energies).
     """
-    dtype = next(model.parameters()).dtype
-    weights = torch.as_tensor(weights, dtype=dtype).detach()
+    dtype, device = model_dtype_device(model)
+    weights = torch.as_tensor(weights, dtype=dtype).detach().to(device)
+    numbers = numbers.to(device)
     for begin in range(0, positions.shape[0], batch_size):
         stop = begin + batch_size
         w = weights[begin:stop]
         if not bool(w.any()):
             continue
-        batch = positions[begin:stop].to(dtype)
-        cell = None if cells is None else cells[begin:stop].to(dtype)
+        batch = positions[begin:stop].to(device, dtype)
+        cell = None if cells is None else cells[begin:stop].to(device, dtype)
         # Plain execution: the optimising graph executor is slower here and, once it has specialised
         # a graph, changes the rounding of later force calls (which would break exact resumes).
         with plain_execution():

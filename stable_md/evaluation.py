@@ -40,6 +40,7 @@ import numpy as np
 from openmm_bridge.md_settings import MDSettings, flat_record
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
+from stable_md.devices import check_device, this_rank_device
 from stable_md.observables import (Observable, binned_observables, diffusion_coefficient, make_observable,
                                    mean_squared_displacement, reference_frames, velocity_autocorrelation)
 from stable_md.potentials.base import check_finite_predictions
@@ -158,7 +159,8 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                              f"numbers {missing}; the model knows {sorted(meta['species'])})")
     from openmm_bridge.engines import make_platform
 
-    make_platform(settings.md.platform)  # an unavailable platform is named before anything is written
+    check_device(settings.md.device)
+    make_platform(settings.md.platform, settings.md.device)  # an unavailable one is named before anything is written
     directory = Path(output)
     earlier = _prepare(directory, overwrite, resume)
 
@@ -192,7 +194,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
     hashes = {model: file_sha256(model) for model in models}
     for model in models:
         warn_if_other_structures(metadata[model], dataset.numbers, dataset.periodic, model, dataset.source)
-        check_finite_predictions(load_model(model).module, starts, dataset.numbers, cell,
+        check_finite_predictions(load_model(model, device=settings.md.device).module, starts, dataset.numbers, cell,
                                  f"evaluate {model}: on the starting frames")
     finished = {}
     if resume:
@@ -452,14 +454,15 @@ def _evaluate_model(job: _ModelJob) -> str:
 
     s = job.settings
     started = time.perf_counter()
-    model = load_model(job.model)
+    device = this_rank_device(s.md.device, group.rank)  # several ranks with cuda: each its own GPU
+    model = load_model(job.model, device=device)
     errors = prediction_errors(model.module, job.error_data) if group.main else None
     criterion, observable = job.criterion, job.observable
     n_replicas = len(job.starts)
     mine = group.block(n_replicas)
     # this process's block, started as in one process whatever nproc
-    replicas = ReplicaSet.from_settings(model, job.numbers, job.starts, s.md, part=mine, stream=group.rank,
-                                        cell=job.cell, check_interval=min(s.check_every, 50))
+    replicas = ReplicaSet.from_settings(model, job.numbers, job.starts, s.md.with_changes(device=device), part=mine,
+                                        stream=group.rank, cell=job.cell, check_interval=min(s.check_every, 50))
     # Order matters: the sampler and the recorders after the monitor skip the replicas it has just stopped.
     monitor = StabilityMonitor(criterion, s.check_every)
     averager = ObservableAverager(observable, s.check_every, job.cell)

@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from stable_md.data import Dataset, data_record, load_dataset
-from stable_md.potentials import Potential, build_metadata, build_potential, energy_and_forces, save_model
+from stable_md.devices import check_device
+from stable_md.potentials import (Potential, build_metadata, build_potential, energy_and_forces, model_dtype_device,
+                                  save_model)
 from stable_md.files import atomic_write, read_checkpoint, truncate_jsonl_log
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -51,6 +53,7 @@ class DatasetTensors:
         return self.positions.shape[0]
 
     def batch(self, index: Tensor) -> FrameBatch:
+        index = index.to(self.positions.device)
         return FrameBatch(self.positions[index], self.numbers, self.energies[index], self.forces[index],
                           None if self.cells is None else self.cells[index])
 
@@ -90,9 +93,8 @@ def prediction_errors(model: nn.Module, data: Dataset | DatasetTensors, batch_si
                       dtype: Optional[torch.dtype] = None) -> dict[str, float]:
     """Energy MAE/RMSE (meV per frame) and force MAE/RMSE (meV/Å) of ``model`` on ``data``."""
     if isinstance(data, Dataset):
-        if dtype is None:
-            dtype = next(model.parameters()).dtype
-        data = DatasetTensors(data, dtype=dtype)
+        model_dtype, device = model_dtype_device(model)
+        data = DatasetTensors(data, dtype=model_dtype if dtype is None else dtype, device=device)
     energy_errors, force_errors = [], []
     for batch in data.batches(batch_size):
         energy, forces = energy_and_forces(model, batch.positions, batch.numbers, batch.cells)
@@ -145,14 +147,14 @@ def refit_energy_shifts(potential: Potential, train: Dataset, batch_size: int = 
     composition counts removes that offset exactly without changing any force.
     """
     species = potential.species_numbers.tolist()
-    dtype = potential.energy_shift.dtype
+    dtype, device = potential.energy_shift.dtype, potential.energy_shift.device
     residuals = []
-    for batch in DatasetTensors(train, dtype).batches(batch_size):
+    for batch in DatasetTensors(train, dtype, device).batches(batch_size):
         energy, _ = energy_and_forces(potential, batch.positions, batch.numbers, batch.cells)
-        residuals.append((batch.energies - energy.detach()).double())
+        residuals.append((batch.energies - energy.detach()).double().cpu())
     correction = _composition_fit(train.numbers, torch.cat(residuals).numpy(), species)
     with torch.no_grad():
-        potential.energy_shift.add_(torch.as_tensor(correction, dtype=dtype))
+        potential.energy_shift.add_(torch.as_tensor(correction, dtype=dtype, device=device))
     return dict(zip(map(str, species), map(float, potential.energy_shift.double().tolist())))
 
 
@@ -211,8 +213,8 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
              split: SplitSettings = SplitSettings(), settings: PretrainSettings = PretrainSettings(),
              hyperparameters: Optional[dict[str, Any]] = None, units: Optional[str] = None,
              overwrite: bool = False, resume: bool = False, progress: bool = True,
-             log_path: Optional[str | Path] = None,
-             announce: Optional[Callable[[str], None]] = None) -> tuple[Potential, dict[str, Any]]:
+             log_path: Optional[str | Path] = None, announce: Optional[Callable[[str], None]] = None,
+             device: str = "cpu") -> tuple[Potential, dict[str, Any]]:
     """Fit a new ``arch`` Potential to energies and forces and save it to ``output``.
 
     Checkpoints every epoch to ``<output stem>.ckpt.pt`` (atomic), logs one JSON line per
@@ -220,6 +222,8 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     improved for ``settings.patience`` epochs, and keeps the best model.
 
     ``announce`` receives one line saying how the frames were split, before training starts.
+    ``device`` is the torch device training runs on (``cpu``, ``cuda``, ``cuda:N``); the written
+    model and the checkpoint load on any device, so a run may resume on another one.
 
     Returns the trained potential (best validation epoch) and the final report.
     """
@@ -235,6 +239,7 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
                               f"or delete it to start afresh")
     if settings.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
+    device = check_device(device)
     dtype = DTYPES[settings.dtype]
     if not isinstance(data, Dataset):
         data = load_dataset(data, units=units)
@@ -247,7 +252,7 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     torch.manual_seed(settings.seed)
     potential, hyper = build_potential(arch, data.species, **(hyperparameters or {}))
     scale_info = initialise_output_scale(potential, train)
-    potential = potential.to(dtype)
+    potential = potential.to(device, dtype)
     loss_fn = EnergyForceLoss(settings.energy_weight, settings.force_weight)
     optimizer = torch.optim.Adam(potential.parameters(), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -267,8 +272,8 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
     elif log_path.exists():
         log_path.unlink()
 
-    train_tensors = DatasetTensors(train, dtype)
-    val_tensors = DatasetTensors(val, dtype)
+    train_tensors = DatasetTensors(train, dtype, device)
+    val_tensors = DatasetTensors(val, dtype, device)
     start = time.perf_counter() - state["elapsed_s"]
     stopped = "epochs"
     bar = tqdm(total=settings.epochs, initial=state["epoch"], disable=not progress, desc=f"pretrain {arch}",
@@ -403,7 +408,7 @@ def _save_checkpoint(path: Path, identity: dict, state: dict, potential: nn.Modu
 def _load_checkpoint(path: Path, identity: dict, potential: nn.Module, optimizer, scheduler,
                      generator: torch.Generator) -> dict:
     def read(path: Path) -> dict:
-        payload = torch.load(path, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # resumable on another device
         missing = [key for key in ("identity", "model", "optimizer", "scheduler", "generator", "state", "best_model")
                    if key not in payload]
         if missing:

@@ -33,6 +33,7 @@ from torch import nn
 from openmm_bridge.md_settings import MDSettings, flat_record
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
+from stable_md.devices import check_device, this_rank_device
 from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
 from stable_md.files import (RunLayout, atomic_write, file_sha256, json_default, read_checkpoint, truncate_jsonl_log,
@@ -51,7 +52,10 @@ BUDGETS = ("cycles", "epochs", "wall time", "simulation time")
 OPTIMIZERS = ("sgd", "adam")
 # Settings a resumed run must share with the original (budgets may change, and the model may move to another device).
 BUDGET_KEYS = ("max_cycles", "max_epochs", "max_simulation_time", "max_wall_time")
+# The model's device may change; OpenMM's platform may not (its checkpoints load only on the platform that wrote them).
 MAY_CHANGE_ON_RESUME = BUDGET_KEYS + ("device",)
+# What a key records had no place for before was in effect then.
+RECORDED_BEFORE = {"platform": "CPU"}
 # Where refine's time goes: MD of both phases, the Boltzmann estimator, the energy/force step (with the update).
 TIME_PARTS = ("simulation", "estimator", "energy_force")
 
@@ -281,6 +285,7 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
     settings = settings or RefineSettings()
     output = Path(output)
     directory = Path(run_directory) if run_directory is not None else default_run_directory(output)
+    check_device(settings.md.device)
     check_ranks(nproc, settings.n_replicas)
     group = current_group()
     if group.main:
@@ -336,8 +341,10 @@ class _Refinement:
         self.settings, self.output, self.directory, self.progress = settings, output, directory, progress
         # this process's share of the replicas; the numbers that steer the run are sums over all ranks
         self.group = SINGLE if group is None else group
-        self.model_file = model if isinstance(model, ModelFile) else load_model(model)
-        self.model = self.model_file.module
+        # the user's --device, made this rank's own GPU under several ranks (settings.json keeps the user's)
+        self.device = this_rank_device(str(check_device(settings.md.device)), self.group.rank)
+        self.model_file = model if isinstance(model, ModelFile) else load_model(model, device=self.device)
+        self.model = self.model_file.module.to(self.device)
         self.data = data if isinstance(data, Dataset) else load_dataset(data)
         self._check_species()
         self.train, self.test, self.frames_note = self._split()
@@ -354,7 +361,7 @@ class _Refinement:
         self.qm_loss = (EnergyForceLoss(settings.energy_weight, settings.force_weight) if settings.qm_weight > 0
                         else None)
         dtype = next(self.model.parameters()).dtype
-        self.qm_data = DatasetTensors(self.train, dtype=dtype)
+        self.qm_data = DatasetTensors(self.train, dtype=dtype, device=self.device)
         self.rng = np.random.default_rng(settings.md.seed)
         self.state = RefineState(observable_weights=None if settings.auto_weights
                                  else list(settings.observable_weights))
@@ -468,7 +475,8 @@ class _Refinement:
 
         s = self.settings
         # this rank's block of the replicas, started as they would be in one process
-        return ReplicaSet.from_settings(self.model, self.train.numbers, self.starts, s.md,
+        return ReplicaSet.from_settings(self.model, self.train.numbers, self.starts,
+                                        s.md.with_changes(device=self.device),
                                         part=self.group.block(s.n_replicas), stream=self.group.rank, cell=self.cell,
                                         check_interval=min(50, s.check_every, s.sample_every))
 
@@ -486,7 +494,12 @@ class _Refinement:
         saved = json.loads((self.directory / SETTINGS_NAME).read_text())
         old = {k: v for k, v in saved["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
         new = {k: v for k, v in record["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
-        different = [k for k in new if old.get(k) != new[k]]
+        different = [k for k in new if old.get(k, RECORDED_BEFORE.get(k)) != new[k]]
+        if "platform" in different:
+            saved_platform = old.get("platform", RECORDED_BEFORE["platform"])
+            different[different.index("platform")] = (
+                f"platform: the run's OpenMM checkpoints are {saved_platform}'s, now {new['platform']}; pass "
+                f"--platform {saved_platform}")
         # The model is the same file when its bytes are: a resume may name it by another path (a copy, another
         # working directory). Runs recorded before the hash was kept compare resolved paths.
         if "model_sha256" in saved:
@@ -816,7 +829,9 @@ class _Refinement:
         path = self.directory / CHECKPOINT_NAME
         payload = None
         if self.group.main:
-            payload = read_checkpoint(path, "refine", lambda path: torch.load(path, weights_only=True))
+            # on the CPU: a run may resume on another device (load_state_dict moves each tensor to its place)
+            payload = read_checkpoint(path, "refine",
+                                      lambda path: torch.load(path, map_location="cpu", weights_only=True))
             if "ranks" not in payload:  # written before refine ran on several processes
                 payload["ranks"] = [{key: payload.pop(key) for key in
                                      ("snapshot", "reasons", "rewind_positions", "rewind_velocities")}]
@@ -1002,8 +1017,9 @@ def calibrated_weights(term_gradients: Sequence[torch.Tensor], qm_gradient: Opti
 
 
 def _flat_gradient(model: nn.Module) -> torch.Tensor:
-    """All parameter gradients as one float64 vector (zeros where a parameter has none)."""
-    return torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).double().reshape(-1)
+    """All parameter gradients as one float64 vector on the CPU (zeros where a parameter has none): the
+    combining of terms and the sums over ranks work on it wherever the model runs."""
+    return torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).double().reshape(-1).cpu()
                       for p in model.parameters() if p.requires_grad])
 
 
@@ -1013,6 +1029,6 @@ def _set_flat_gradient(model: nn.Module, flat: torch.Tensor) -> None:
         if not p.requires_grad:
             continue
         size = p.numel()
-        p.grad = flat[offset:offset + size].reshape(p.shape).to(p.dtype).clone()
+        p.grad = flat[offset:offset + size].reshape(p.shape).to(p.device, p.dtype, copy=True)
         offset += size
 

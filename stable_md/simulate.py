@@ -23,6 +23,7 @@ from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, St
                                      TrajectoryWriter, dcd_name, replica_status, truncate_dcd, truncate_state_log,
                                      write_topology)
 from stable_md.compatibility import warn_if_other_structures
+from stable_md.devices import check_device, this_rank_device
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
 from stable_md.reporting import StabilityMonitor
 from stable_md.files import RunLayout, atomic_write, file_sha256, read_checkpoint, write_json
@@ -36,7 +37,9 @@ CHECKPOINT_NAME = "checkpoint.npz"
 # Settings that must agree between a run and its resumption.
 RESUME_KEYS = ("model", "n_replicas", "numbers", "integrator", "temperature", "timestep", "friction",
                "collision_frequency", "seed", "frame_interval", "mode", "backend", "periodic", "stability",
-               "bond_threshold")
+               "bond_threshold", "platform")
+# What a key records had no place for before was in effect then.
+RECORDED_BEFORE = {"platform": "CPU"}
 STABILITY_CRITERIA = ("bond", "none")
 
 
@@ -98,6 +101,7 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
     if settings.stability not in STABILITY_CRITERIA:
         raise ValueError(f"unknown stability criterion {settings.stability!r}; expected one of "
                          f"{list(STABILITY_CRITERIA)}")
+    check_device(settings.md.device)
     check_ranks(nproc, settings.n_replicas)
     group = current_group()
     metadata = read_metadata(settings.model)
@@ -129,7 +133,7 @@ def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, dir
         criterion = make_criterion("bond", CriterionInputs(detect_bonds(np.asarray(settings.numbers), reference, cell),
                                                            cell), settings.bond_threshold)
     mine = group.block(settings.n_replicas)
-    md = settings.md
+    md = settings.md.with_changes(device=this_rank_device(settings.md.device, group.rank))
     # Everything that can fail on the user's input (the model, the device, the force backend) fails here,
     # before the run directory is touched.
     replicas = ReplicaSet.from_settings(settings.model, settings.numbers, starts, md, part=mine, stream=group.rank,
@@ -317,8 +321,11 @@ def _check_same_run(directory: Path, record: dict) -> None:
     # The model is the same when its bytes are (a copy or another path to it resumes; a different file copied
     # over the same path does not). Runs recorded before the hash was kept compare the resolved path.
     keys = [key for key in RESUME_KEYS if not (key == "model" and "model_sha256" in saved)]
+    saved = {**RECORDED_BEFORE, **saved}
     different = [key for key in keys if saved.get(key) != record.get(key)]
     details = [f"{key}: run has {saved.get(key)!r}, now {record.get(key)!r}" for key in different]
+    if "platform" in different:  # OpenMM loads a checkpoint only on the platform that wrote it
+        details[different.index("platform")] += f" (pass --platform {saved['platform']})"
     if "model_sha256" in saved and saved["model_sha256"] != record["model_sha256"]:
         details.insert(0, f"model: {record['model']} is not the file the run started with (other contents)")
     if details:

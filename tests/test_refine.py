@@ -62,6 +62,16 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, pretrained_model, ethano
     copy = tmp_path / "copy" / "weak-copy.pt"
     copy.parent.mkdir()
     shutil.copyfile(pretrained_model, copy)
+    # OpenMM loads a checkpoint only on the platform that wrote it: another one is refused, naming the right one
+    with pytest.raises(ValueError, match="platform: the run's OpenMM checkpoints are CPU's, now Reference; pass "
+                                         "--platform CPU"):
+        refine(copy, ethanol_path, tmp_path / "part.pt",
+               quick_settings(learning_patience=3, platform="Reference"), resume=True, progress=False)
+    # a record from before the platform was kept resumes as the CPU platform's
+    settings_file = tmp_path / "part.refine" / "settings.json"
+    record = json.loads(settings_file.read_text())
+    del record["settings"]["platform"]
+    settings_file.write_text(json.dumps(record))
     resumed = refine(copy, ethanol_path, tmp_path / "part.pt", quick_settings(learning_patience=3),
                      resume=True, progress=False)
     assert without_wall_time(resumed.history) == without_wall_time(whole.history)

@@ -139,7 +139,15 @@ def test_killed_run_resumes_to_the_same_trajectories(pretrained_model, ethanol_p
     assert main(_args(pretrained_model, ethanol_path, resumed, *long, "--resume")) == 0
     assert_same_simulate_runs(reference, resumed, n_replicas=3, n_frames=101)
 
-    # A finished run can be extended with a longer --time.
+    # OpenMM loads a checkpoint only on the platform that wrote it: another one is named, not a traceback
+    assert main(_args(pretrained_model, ethanol_path, resumed, "--integrator", "langevin", "--time", "1.1ps",
+                      "--platform", "Reference", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "platform: run has 'CPU', now 'Reference' (pass --platform CPU)" in err and "Traceback" not in err, err
+    # A finished run can be extended with a longer --time (a record from before platforms were kept: CPU).
+    settings = json.loads((resumed / "settings.json").read_text())
+    del settings["platform"]
+    (resumed / "settings.json").write_text(json.dumps(settings))
     assert main(_args(pretrained_model, ethanol_path, resumed, "--integrator", "langevin", "--time", "1.1ps",
                       "--resume")) == 0
     assert json.loads((resumed / "summary.json").read_text())["steps"] == 2200

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Sequence
 
-from stable_md.potentials.base import Potential, check_finite_predictions, energy_and_forces, species_list
+from stable_md.potentials.base import (Potential, check_finite_predictions, energy_and_forces, model_dtype_device,
+                                      species_list)
 from stable_md.potentials.hyperparameters import check_hyperparameters
 from stable_md.potentials.model_file import ModelFile, build_metadata, load_model, read_metadata, save_model
 
@@ -71,6 +72,7 @@ __all__ = [
     "energy_and_forces",
     "check_finite_predictions",
     "load_model",
+    "model_dtype_device",
     "read_metadata",
     "save_model",
     "species_list",

@@ -127,19 +127,27 @@ def energy_and_forces(
     return energy, -gradient
 
 
+def model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
+    """The dtype and device of ``model``'s parameters (float32 on the CPU for a module without any): what its
+    inputs are converted to."""
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return torch.float32, torch.device("cpu")
+    return parameter.dtype, parameter.device
+
+
 def check_finite_predictions(model: nn.Module, positions, numbers, cell, where: str, batch_size: int = 64) -> None:
     """Raise ``ValueError`` naming ``where`` and the first frames on which ``model`` returns a non-finite
     energy or force: such a model cannot be simulated, refined or evaluated, and would otherwise fail
     silently or write NaN parameters.
 
     ``positions`` ``[F, N, 3]`` Å, ``numbers`` ``[N]``, ``cell`` one ``[3, 3]`` Å cell for all frames or
-    None; arrays or tensors, converted to the model's dtype.
+    None; arrays or tensors, converted to the model's dtype and device.
     """
-    parameter = next(model.parameters(), None)
-    dtype = torch.float32 if parameter is None else parameter.dtype
-    positions = torch.as_tensor(positions, dtype=dtype)
-    numbers = torch.as_tensor(numbers, dtype=torch.int64)
-    cell = None if cell is None else torch.as_tensor(cell, dtype=dtype).reshape(3, 3)
+    dtype, device = model_dtype_device(model)
+    positions = torch.as_tensor(positions, dtype=dtype, device=device)
+    numbers = torch.as_tensor(numbers, dtype=torch.int64, device=device)
+    cell = None if cell is None else torch.as_tensor(cell, dtype=dtype, device=device).reshape(3, 3)
     bad: list[int] = []
     for start in range(0, len(positions), batch_size):
         chunk = positions[start:start + batch_size]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import os
 import warnings
@@ -113,15 +114,22 @@ def save_model(potential: nn.Module, path: str | os.PathLike, metadata: dict[str
                overwrite: bool = False) -> Path:
     """Script ``potential`` and write it with ``metadata`` to ``path`` atomically.
 
-    Refuses to replace an existing file unless ``overwrite`` is true.
+    Refuses to replace an existing file unless ``overwrite`` is true. A model on a GPU is written
+    with its tensors on the CPU (and moved back), so the file loads on a machine without one.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
-    scripted = script_potential(potential)
     payload = json.dumps(metadata, indent=1, sort_keys=True)
-    with _no_jit_deprecation():
-        atomic_write(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: payload}))
+    device = next(itertools.chain(potential.parameters(), potential.buffers()), torch.empty(0)).device
+    try:
+        # in place, so the optimizer's parameters stay the module's
+        scripted = script_potential(potential.cpu() if device.type != "cpu" else potential)
+        with _no_jit_deprecation():
+            atomic_write(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: payload}))
+    finally:
+        if device.type != "cpu":
+            potential.to(device)
     return path
 
 
