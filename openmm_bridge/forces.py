@@ -110,6 +110,7 @@ class ModelCallback:
         self.energies_eV = np.full(self.n_replicas, np.nan)
         self.last_error: Optional[BaseException] = None
         self.evaluations = 0
+        self._size_checked = False
 
     # -- pickling: the path, never the module -------------------------------------------------
     def __getstate__(self) -> dict:
@@ -120,13 +121,15 @@ class ModelCallback:
         return {"model_path": str(self.model_path), "numbers": self.numbers.tolist(),
                 "n_replicas": self.n_replicas, "periodic": self.periodic, "device": str(self.device),
                 "remove_net_force": self.remove_net_force, "active": self.active.tolist(),
-                "on_failure": self.on_failure}
+                "on_failure": self.on_failure, "dtype": str(self.dtype).replace("torch.", "")}
 
     def __setstate__(self, state: dict) -> None:
         path = Path(state["model_path"])
         if not path.exists():
             raise FileNotFoundError(f"the serialized System's model file {path} does not exist")
-        self.model = load_model(path, device=state["device"]).module
+        dtype = state.get("dtype")  # the precision it ran in (a float64 copy of a float32 file stays float64)
+        self.model = load_model(path, device=state["device"],
+                                dtype=None if dtype is None else getattr(torch, dtype)).module
         self.model_path = path
         self.numbers = np.asarray(state["numbers"], dtype=np.int64)
         self.n_replicas = int(state["n_replicas"])
@@ -141,6 +144,18 @@ class ModelCallback:
 
     # -- the computation --------------------------------------------------------------------------
     def __call__(self, state: openmm.State):
+        if not self._size_checked:
+            # the fast reader below writes as many positions as the State holds into a buffer sized for this
+            # callback: a System with other particles would corrupt memory (OpenMM then aborts with "double free")
+            held = len(state.getPositions(asNumpy=True))
+            if held != len(self._positions):
+                self.last_error = ModelFailure(
+                    f"this force computes {self.n_replicas * self.n_atoms} particles ({self.n_replicas} x "
+                    f"{self.n_atoms} atoms) but OpenMM passed it {held}: in a System with other particles, apply "
+                    f"it to the model's atoms with force.setParticles(indices), or use MLPotential('stable-md')."
+                    f"createMixedSystem")
+                raise self.last_error
+            self._size_checked = True
         _read_positions(state, self._positions)
         box = None
         if self.periodic:

@@ -260,3 +260,36 @@ class _RunsShellCommand:
         import os
 
         return (os.system, (self.command,))
+
+
+def test_a_system_with_more_particles_is_refused_by_name_not_by_a_crash(pretrained_model, ethanol):
+    """The docs' recipe in a System with two more (MM) particles used to abort the interpreter ("double free or
+    corruption": the fast position reader wrote 11 positions into a buffer for 9). Now OpenMM stops with our
+    message, and setParticles applies the force to the model's atoms among the others."""
+    script = f"""
+import numpy as np, openmm
+from openmm_bridge.forces import ModelCallback, make_force
+system = openmm.System()
+for mass in [12, 12, 16, 1, 1, 1, 1, 1, 1, 40, 40]:
+    system.addParticle(mass)
+force = make_force(ModelCallback({str(pretrained_model)!r}, {ethanol.numbers.tolist()}))
+system.addForce(force)
+positions = np.vstack([np.array({(ethanol.positions[0] * 0.1).tolist()}), [[1.0, 1, 1], [1.5, 1, 1]]])
+context = openmm.Context(system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName("Reference"))
+context.setPositions(positions)
+try:
+    context.getState(getEnergy=True)
+except openmm.OpenMMException as error:
+    print("refused:", error)
+force.setParticles(list(range(9)))
+context.reinitialize(preserveState=True)
+print("energy:", context.getState(getEnergy=True).getPotentialEnergy()._value)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert ("refused: this force computes 9 particles (1 x 9 atoms) but OpenMM passed it 11: in a System with "
+            "other particles, apply it to the model's atoms with force.setParticles(indices)") in result.stdout
+    energy = float(result.stdout.split("energy:")[1])
+    module = load_model(pretrained_model).module
+    expected, _ = _model_energy_forces(module, ethanol.positions[:1].astype(np.float32), ethanol.numbers)
+    assert energy == pytest.approx(float(expected[0]) * EV_IN_KJ_PER_MOL, rel=1e-5)
