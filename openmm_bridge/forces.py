@@ -27,6 +27,7 @@ import openmm
 import torch
 from torch import nn
 
+from stable_md.geometry_checks import MAX_FORCE_EV_PER_A
 from stable_md.potentials.base import energy_and_forces
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.units import EV_IN_KJ_PER_MOL, EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM, NM_IN_ANGSTROM
@@ -227,8 +228,6 @@ class ModelCallback:
         return (energy.detach().to("cpu", torch.float64).numpy(),
                 forces.detach().to("cpu", torch.float64).numpy())
 
-
-MAX_FORCE_EV_PER_A = 1.0e3
 
 
 def _read_positions(state: openmm.State, out: np.ndarray) -> None:

@@ -12,7 +12,9 @@ _limit_threads()
 
 
 __all__ = ["StableCalculator", "refine", "RefineSettings", "RefineResult", "evaluate", "EvaluateSettings",
-           "load_model"]
+           "load_model", "StabilityGuard", "InstabilityError", "StabilityObserver", "StabilityReporter"]
+_GUARD = {"StabilityGuard": "stable_md.guard", "InstabilityError": "stable_md.guard",
+          "StabilityObserver": "stable_md.guard_ase", "StabilityReporter": "stable_md.guard_openmm"}
 
 
 def __getattr__(name: str):
@@ -33,6 +35,10 @@ def __getattr__(name: str):
         from stable_md import evaluation
 
         return getattr(evaluation, name)
+    if name in _GUARD:
+        import importlib
+
+        return getattr(importlib.import_module(_GUARD[name]), name)
     raise AttributeError(f"module 'stable_md' has no attribute {name!r}")
 
 

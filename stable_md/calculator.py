@@ -7,6 +7,8 @@ Follows the conventions of MACE's and NequIP's ASE calculators::
 Implements ``energy``, ``free_energy`` (eV), ``forces`` (eV/Å), per-atom ``energies`` (eV) and,
 for fully periodic cells, ``stress`` (eV/Å³, Voigt order, from the strain derivative). Several
 model paths form a committee: results are the mean, with ``energy_std``/``forces_std`` added.
+``guard=True`` (or a :class:`~stable_md.guard.StabilityGuard`) checks every structure it computes and
+raises :class:`~stable_md.guard.InstabilityError` when a bond breaks or a force explodes.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
+from stable_md.guard import StabilityGuard
 from stable_md.potentials.base import plain_execution
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.pretrain import DTYPES
@@ -30,8 +33,13 @@ class StableCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]
 
     def __init__(self, model_paths: str | os.PathLike | Sequence[str | os.PathLike], device: str = "cpu",
-                 default_dtype: str = "float32", **kwargs) -> None:
+                 default_dtype: str = "float32", guard: bool | StabilityGuard | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        if not (guard is None or isinstance(guard, (bool, StabilityGuard))):
+            raise TypeError(f"StableCalculator: guard must be True, False, None or a StabilityGuard, got "
+                            f"{type(guard).__name__}")
+        self.guard: bool | StabilityGuard | None = guard
+        self.force_calls = 0
         paths = [model_paths] if isinstance(model_paths, (str, os.PathLike)) else list(model_paths)
         if not paths:
             raise ValueError("StableCalculator: model_paths is empty")
@@ -94,6 +102,20 @@ class StableCalculator(Calculator):
         if len(self.models) > 1:
             self.results["energy_std"] = float(np.std(energies))
             self.results["forces_std"] = np.std(forces, axis=0)
+        self.force_calls += 1
+        if self.guard:
+            self._guard_check(cell)
+
+    def _guard_check(self, cell: Optional[torch.Tensor]) -> None:
+        """With ``guard``, raise :class:`~stable_md.guard.InstabilityError` for an unstable structure (the results
+        of this call are kept). ``guard=True`` builds the guard at the first call: the bonds the model stores
+        when its atoms are these, else those of the first structure."""
+        if self.guard is True:
+            box = None if cell is None else cell[0].detach().cpu().numpy().astype(np.float64)
+            self.guard = StabilityGuard.from_model(self.models[0], self.atoms.numbers, self.atoms.positions, box)
+        instability = self.guard.check(self.atoms.positions, self.results["forces"])
+        if instability is not None:
+            raise self.guard.error(instability, self.force_calls, where="StableCalculator: ", counted="force call")
 
 
 def _evaluate(module, positions, numbers, cell, want_stress: bool):

@@ -9,6 +9,9 @@ from typing import Optional
 
 import numpy as np
 
+# Forces above this move a hydrogen by more than an Å in one 0.5 fs step: the structure is exploding (eV/Å).
+MAX_FORCE_EV_PER_A = 1.0e3
+
 
 def check_finite_positions(positions: np.ndarray, where: str) -> None:
     """Raise ValueError naming the first atoms whose coordinates (``[N, 3]`` or ``[F, N, 3]``, Å) are NaN or inf."""

@@ -38,6 +38,7 @@ from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gr
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
 from stable_md.files import (RunLayout, atomic_write, file_sha256, json_default, read_checkpoint, truncate_jsonl_log,
                              write_json)
+from stable_md.guard import REFERENCE_KEY, stability_reference
 from stable_md.potentials.model_file import ModelFile, build_metadata, load_model, save_model
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
@@ -957,9 +958,12 @@ class _Refinement:
                  "history": self.history}
         metadata = build_metadata(self.model, dict(self.model_file.metadata.get("hyperparameters", {})),
                                   history=list(self.model_file.metadata.get("history", [])) + [entry],
-                                  extra={k: v for k, v in self.model_file.metadata.items()
-                                         if k not in ("history", "created", "stable_md_version", "torch_version")
-                                         and k not in _METADATA_REBUILT})
+                                  extra={**{k: v for k, v in self.model_file.metadata.items()
+                                            if k not in ("history", "created", "stable_md_version", "torch_version")
+                                            and k not in _METADATA_REBUILT},
+                                         # what a stability guard needs from the model file alone
+                                         REFERENCE_KEY: stability_reference(
+                                             self.bonds, f"{len(self.train)} training frames of {self.data.source}")})
         save_model(self.model, self.output, metadata, overwrite=True)
         return RefineResult(model=self.model, history=self.history, summary=summary, output=self.output)
 

@@ -88,6 +88,11 @@ class Criterion:
     def reset(self) -> None:
         """Forget recorded frames (after a rewind); a criterion that judges single frames has none."""
 
+    def culprit(self, positions: np.ndarray, replica: int = 0) -> tuple[tuple[int, ...], float]:
+        """The atoms (0-based) behind replica ``replica``'s verdict and the value judged (in ``unit``), for a
+        guard's error; () and NaN where the verdict names no atoms."""
+        return (), float("nan")
+
 
 def criterion_names(purpose: str = "evaluation") -> list[str]:
     """Names of the registered criteria usable for ``purpose`` (``evaluation`` or ``training``)."""
@@ -209,6 +214,12 @@ class BondLengthCriterion(_OnBondGraph):
         worst = deviations.argmax(axis=1)
         return [f"bond {self.bonds.describe(b)} off by {deviations[r, b]:.2f} Å" for r, b in enumerate(worst)]
 
+    def culprit(self, positions: np.ndarray, replica: int = 0) -> tuple[tuple[int, ...], float]:
+        """The worst bond's atoms and its deviation (Å)."""
+        deviations = self.deviations(np.asarray(positions)[[replica]])[0]
+        worst = int(deviations.argmax())
+        return tuple(int(a) for a in self.bonds.pairs[worst]), float(deviations[worst])
+
 
 def molecules_of(bonds: BondGraph) -> list[np.ndarray]:
     """Atom indices of each molecule: the connected components of the bond graph, in order of first atom."""
@@ -273,6 +284,12 @@ class MinDistanceCriterion(_OnBondGraph):
                      f"{chemical_symbols[self.bonds.numbers[j]]}{j + 1}")
             messages.append(f"atoms {label} of different molecules {distances[r, p]:.2f} Å apart")
         return messages
+
+    def culprit(self, positions: np.ndarray, replica: int = 0) -> tuple[tuple[int, ...], float]:
+        """The closest pair of atoms of different molecules and their distance (Å)."""
+        distances = self.distances(np.asarray(positions)[[replica]])[0]
+        closest = int(distances.argmin())
+        return tuple(int(a) for a in self.pairs[closest]), float(distances[closest])
 
 
 class RDFCriterion(Criterion):

@@ -83,6 +83,10 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, pretrained_model, ethano
     metadata = read_metadata(tmp_path / "whole.pt")
     assert metadata["history"][-1]["stage"] == "refine"
     assert metadata["history"][-1]["settings"]["threshold"] == 0.15
+    # what a stability guard needs from the refined file alone: the bonds of refine's training frames
+    reference = metadata["stability_reference"]
+    assert reference["numbers"] == [6, 6, 8, 1, 1, 1, 1, 1, 1] and len(reference["bonds"]) == 8
+    assert reference["source"].startswith("200 training frames of")
     loaded = load_model(tmp_path / "whole.pt")
     torch.testing.assert_close(parameters(loaded.module), parameters(whole.model))
     for name in ("unstable_fraction.png", "hr.png", "summary.json", "checkpoint.pt", "settings.json"):

@@ -1,0 +1,57 @@
+"""The stability guard as an ASE observer: ``dyn.attach(StabilityObserver(atoms, guard, dynamics=dyn), interval=10)``.
+
+See :mod:`stable_md.guard` for the guard and its reference.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import IO, Optional
+
+from stable_md.guard import GuardLog, Instability, StabilityGuard, check_action
+
+
+class StabilityObserver:
+    """An ASE observer: ``dyn.attach(StabilityObserver(atoms, guard, dynamics=dyn), interval=10)``.
+
+    Checks ``atoms`` (with the forces its calculator last computed, never computing new ones) each time
+    the dynamics calls it. ``action="stop"`` raises :class:`InstabilityError` out of ``dyn.run``;
+    ``"warn"`` writes to ``log`` and warns once per unstable stretch. The step is ``dynamics.nsteps``
+    when ``dynamics`` is given, else the number of checks so far.
+    """
+
+    def __init__(self, atoms, guard: StabilityGuard, dynamics=None, action: str = "stop",
+                 log: Optional[str | os.PathLike | IO[str]] = None) -> None:
+        self.atoms, self.guard, self.dynamics = atoms, guard, dynamics
+        self.action = check_action(action, ("stop", "warn"))
+        self.log = GuardLog(log)
+        self.checks = 0
+        self.events: list[tuple[int, Instability]] = []
+        self._unstable = False
+
+    def __call__(self) -> None:
+        self.checks += 1
+        forces = None
+        if self.atoms.calc is not None:
+            try:
+                forces = self.atoms.calc.get_property("forces", self.atoms, allow_calculation=False)
+            except Exception:  # a calculator without cached forces, or one that cannot give them
+                forces = None
+        instability = self.guard.check(self.atoms.positions, forces)
+        if instability is None:
+            self._unstable = False
+            return
+        step = int(getattr(self.dynamics, "nsteps", self.checks)) if self.dynamics is not None else self.checks
+        time_ps = None
+        if self.dynamics is not None and hasattr(self.dynamics, "dt"):
+            from ase import units
+
+            time_ps = step * self.dynamics.dt / (1000 * units.fs)
+        self.events.append((step, instability))
+        self.log.write(f"step {step}{'' if time_ps is None else f' ({time_ps:.4g} ps)'}: unstable: "
+                       f"{instability.reason} [{self.action}]")
+        if self.action == "stop":
+            raise self.guard.error(instability, step, time_ps)
+        if not self._unstable:
+            warnings.warn(f"unstable at step {step}: {instability.reason}", RuntimeWarning, stacklevel=2)
+        self._unstable = True

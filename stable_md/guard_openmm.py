@@ -1,0 +1,129 @@
+"""The stability guard as an OpenMM reporter for ``openmm.app.Simulation``.
+
+    simulation.reporters.append(StabilityReporter("model.stable.pt", 100, atoms=ml_atoms, log="guard.log"))
+
+Every ``reportInterval`` steps it checks the guarded atoms (all, or the ML subset of a mixed System)
+with their forces. On an unstable frame it writes the step, the time and the reason to ``log`` and:
+
+- ``action="stop"`` (default): raises :class:`~stable_md.guard.InstabilityError` out of
+  ``simulation.step``, which you can catch;
+- ``"warn"``: warns once per unstable stretch and goes on;
+- ``"rewind"``: returns to the last stable check (a checkpoint held in memory), draws new velocities at
+  the integrator's temperature so the run does not replay the same path, and goes on; after
+  ``maxRewinds`` rewinds it stops as ``"stop"`` does.
+
+Given a model file instead of a :class:`~stable_md.guard.StabilityGuard`, it builds one at its first
+report: the bonds the model stores when its atoms are the guarded ones, else those of the structure
+at that first report. It follows OpenMM's reporter protocol and imports no OpenMM (state values are
+read in OpenMM's own units, nm and kJ/mol/nm).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import IO, Optional, Sequence
+
+import numpy as np
+
+from stable_md.guard import GuardLog, Instability, StabilityGuard, check_action
+from stable_md.units import EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM, NM_IN_ANGSTROM
+
+ACTIONS = ("stop", "warn", "rewind")
+
+
+class StabilityReporter:
+    """An OpenMM reporter that guards a simulation; see the module docstring."""
+
+    def __init__(self, guard: StabilityGuard | str | os.PathLike, reportInterval: int, action: str = "stop",
+                 log: Optional[str | os.PathLike | IO[str]] = None, atoms: Optional[Sequence[int]] = None,
+                 criterion: str = "bond", threshold: Optional[float] = None, maxRewinds: int = 5,
+                 seed: Optional[int] = None) -> None:
+        if int(reportInterval) < 1:
+            raise ValueError(f"reportInterval must be at least 1 step, got {reportInterval}")
+        if int(maxRewinds) < 0:
+            raise ValueError(f"maxRewinds must be >= 0, got {maxRewinds}")
+        self.interval = int(reportInterval)
+        self.action = check_action(action, ACTIONS)
+        self.log = GuardLog(log)
+        self.guard = guard if isinstance(guard, StabilityGuard) else None
+        self.model = None if isinstance(guard, StabilityGuard) else guard
+        self.atoms = None if atoms is None else [int(a) for a in atoms]
+        self.criterion, self.threshold = criterion, threshold
+        self.max_rewinds, self.rewinds = int(maxRewinds), 0
+        self.rng = np.random.default_rng(seed)
+        self.events: list[tuple[int, Instability]] = []
+        self._last_stable: Optional[tuple[bytes, int]] = None
+        self._unstable = False
+
+    def describeNextReport(self, simulation) -> dict:
+        steps = self.interval - simulation.currentStep % self.interval
+        # unwrapped positions: a molecule is never split across the box (criteria use the minimum image anyway)
+        return {"steps": steps, "periodic": False, "include": ["positions", "forces"]}
+
+    def report(self, simulation, state) -> None:
+        positions = _in_nm(state.getPositions(asNumpy=True), "positions") * NM_IN_ANGSTROM
+        forces = _in_kj_per_mol_nm(state.getForces(asNumpy=True)) / EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM
+        if self.guard is None:
+            self.guard = self._guard_for(simulation, positions, state)
+        if self.action == "rewind" and not hasattr(simulation.integrator, "getTemperature"):
+            raise ValueError(f"StabilityReporter(action='rewind') draws new velocities at the integrator's "
+                             f"temperature, and {type(simulation.integrator).__name__} has none; use a thermostat "
+                             f"integrator (LangevinMiddleIntegrator, NoseHooverIntegrator) or action='stop'")
+        instability = self.guard.check(positions, forces)
+        step, time_ps = int(simulation.currentStep), float(state.getTime().value_in_unit(state.getTime().unit))
+        if instability is None:
+            self._unstable = False
+            if self.action == "rewind":
+                self._last_stable = (simulation.context.createCheckpoint(), step)
+            return
+        self.events.append((step, instability))
+        self.log.write(f"step {step} ({time_ps:.4g} ps): unstable: {instability.reason} [{self.action}]")
+        if self.action == "warn":
+            if not self._unstable:
+                warnings.warn(f"StabilityReporter: unstable at step {step} ({time_ps:.4g} ps): {instability.reason}",
+                              RuntimeWarning, stacklevel=2)
+            self._unstable = True
+            return
+        if self.action == "rewind" and self._last_stable is not None and self.rewinds < self.max_rewinds:
+            self._rewind(simulation)
+            return
+        note = "" if self.action == "stop" else (
+            f" (after {self.rewinds} rewinds)" if self._last_stable is not None else " (no stable check to rewind to)")
+        raise self.guard.error(instability, step, time_ps, where=f"StabilityReporter{note}: ")
+
+    def _rewind(self, simulation) -> None:
+        checkpoint, step = self._last_stable
+        simulation.context.loadCheckpoint(checkpoint)
+        simulation.currentStep = step
+        temperature = simulation.integrator.getTemperature()
+        # the checkpoint restores the random stream too: new velocities keep the run from replaying the same path
+        simulation.context.setVelocitiesToTemperature(temperature, int(self.rng.integers(1, 2**31 - 1)))
+        self.guard.reset()
+        self.rewinds += 1
+        self.log.write(f"rewound to step {step} (rewind {self.rewinds} of at most {self.max_rewinds}), new "
+                       f"velocities at {temperature}")
+
+    def _guard_for(self, simulation, positions: np.ndarray, state) -> StabilityGuard:
+        atoms = list(simulation.topology.atoms())
+        chosen = range(len(atoms)) if self.atoms is None else self.atoms
+        numbers = [atoms[a].element.atomic_number for a in chosen]
+        cell = None
+        box = state.getPeriodicBoxVectors(asNumpy=True)
+        if simulation.topology.getPeriodicBoxVectors() is not None and box is not None:
+            cell = _in_nm(box, "box") * NM_IN_ANGSTROM
+        return StabilityGuard.from_model(self.model, numbers, positions[list(chosen)], cell, self.criterion,
+                                         self.threshold, self.atoms)
+
+
+def _in_nm(quantity, what: str) -> np.ndarray:
+    """OpenMM's State gives positions and boxes in nm; read them without importing OpenMM's unit module."""
+    if quantity.unit.get_name() != "nanometer":
+        raise ValueError(f"expected {what} in nanometers from OpenMM, got {quantity.unit}")
+    return np.asarray(quantity.value_in_unit(quantity.unit), dtype=np.float64)
+
+
+def _in_kj_per_mol_nm(quantity) -> np.ndarray:
+    name = quantity.unit.get_name()
+    if "kilojoule" not in name or "nanometer" not in name:
+        raise ValueError(f"expected forces in kJ/mol/nm from OpenMM, got {quantity.unit}")
+    return np.asarray(quantity.value_in_unit(quantity.unit), dtype=np.float64)
