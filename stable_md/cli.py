@@ -596,7 +596,8 @@ def _simulate(args: argparse.Namespace) -> int:
           + ("" if args.nproc == 1 else f", over {args.nproc} processes"))
     summary = run_simulation(settings, starts, args.output, cell=cell, overwrite=args.overwrite,
                              resume=args.resume, progress=not args.no_progress,
-                             reference_positions=reference, nproc=args.nproc)
+                             # a structure alone: the model file's stored bonds, or the structure's (run_simulation)
+                             reference_positions=reference if args.data else None, nproc=args.nproc)
     if summary is None:  # a torchrun rank other than 0
         return 0
     rate = summary["replica_steps_per_second"]

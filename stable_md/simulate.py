@@ -25,6 +25,7 @@ from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, St
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.devices import check_device, this_rank_device
 from stable_md.geometry_checks import check_cell_fits_cutoff, check_finite_positions
+from stable_md.guard import StabilityGuard
 from stable_md.reporting import StabilityMonitor
 from stable_md.files import RunLayout, atomic_write, file_sha256, read_checkpoint, write_json
 from stable_md.potentials.model_file import read_metadata
@@ -86,7 +87,8 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
     """Run the replicas from ``starts`` [R, N, 3] Å and write the run directory; returns the summary.
 
     With ``settings.stability == "bond"``, bonds and their reference lengths come from
-    ``reference_positions`` [F, N, 3] Å (default: the starting frames); at every frame a
+    ``reference_positions`` [F, N, 3] Å (default: those the model file stores when its atoms are
+    these, else the starting frames; the summary's ``stability_reference`` says which); at every frame a
     replica whose bond lengths deviate by more than ``settings.bond_threshold`` Å is
     marked unstable and frozen (its trajectory ends with that frame).
 
@@ -127,11 +129,17 @@ def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, dir
     from stable_md.distributed import current_group
 
     group = current_group()
-    criterion = None
-    if settings.stability == "bond":
-        reference = starts if reference_positions is None else reference_positions
-        criterion = make_criterion("bond", CriterionInputs(detect_bonds(np.asarray(settings.numbers), reference, cell),
-                                                           cell), settings.bond_threshold)
+    criterion, reference_note = None, None
+    if settings.stability == "bond" and reference_positions is not None:
+        criterion = make_criterion("bond", CriterionInputs(detect_bonds(np.asarray(settings.numbers),
+                                                                        reference_positions, cell), cell),
+                                   settings.bond_threshold)
+        reference_note = "bonds of the data file's frames"
+    elif settings.stability == "bond":
+        # a structure alone: the bonds the model file stores (its training frames') when its atoms are these
+        guard = StabilityGuard.from_model(settings.model, settings.numbers, starts, cell, "bond",
+                                          settings.bond_threshold)
+        criterion, reference_note = guard.criterion, guard.note
     mine = group.block(settings.n_replicas)
     md = settings.md.with_changes(device=this_rank_device(settings.md.device, group.rank))
     # Everything that can fail on the user's input (the model, the device, the force backend) fails here,
@@ -201,6 +209,7 @@ def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, dir
     if not group.main:
         return None
     summary = _summary(settings, replicas.step, [entry for part in everyone for entry in part], wall, directory)
+    summary["stability_reference"] = reference_note
     write_json(directory / SUMMARY_NAME, summary)
     return summary
 

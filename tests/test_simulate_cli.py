@@ -34,6 +34,7 @@ def test_simulate_writes_trajectories_log_and_summary(pretrained_model, ethanol_
     assert summary["time_ps"] == pytest.approx(0.06)
     assert summary["settings"]["integrator"] == "nose-hoover"
     assert summary["replica_steps_per_second"] > 0
+    assert summary["stability_reference"] == "bonds of the data file's frames"
     for entry in summary["replicas"]:
         trajectory = mdtraj.load(str(run / entry["trajectory"]), top=str(run / "topology.pdb"))
         assert trajectory.n_frames == entry["frames"] == 7  # steps 0, 20, ..., 120
@@ -51,6 +52,26 @@ def test_simulate_writes_trajectories_log_and_summary(pretrained_model, ethanol_
     assert {row["status"] for row in rows} == {"running"}
     assert [int(row["step"]) for row in rows[::3]] == list(range(0, 121, 20))
     assert all(float(row["potential_eV"]) < 0 for row in rows)
+
+
+def test_a_structure_alone_is_guarded_by_the_bonds_the_model_stores(pretrained_model, ethanol, tmp_path, capsys):
+    from ase import Atoms
+    from ase.io import write
+
+    structure = tmp_path / "ethanol.xyz"
+    write(structure, Atoms(numbers=ethanol.numbers, positions=ethanol.positions[7]))
+    run = tmp_path / "run"
+    assert main(["simulate", str(pretrained_model), "--structure", str(structure), "-o", str(run), "--replicas", "2",
+                 "--time", "20fs", "--check-every", "10", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stability_reference"].startswith("bonds the model stores (200 training frames of")
+    # a molecule the model stores no bonds for: its starting structure's, said so
+    water = tmp_path / "water.xyz"
+    water.write_text("3\n\nO 0 0 0\nH 0.96 0 0\nH 0 0.96 0\n")
+    assert main(["simulate", str(pretrained_model), "--structure", str(water), "-o", str(tmp_path / "w"),
+                 "--replicas", "1", "--time", "5fs", "--check-every", "10", "--no-progress"]) == 0
+    note = json.loads((tmp_path / "w" / "summary.json").read_text())["stability_reference"]
+    assert note.startswith("bonds of the starting structure") and "is for other atoms" in note
 
 
 def test_simulate_refuses_to_overwrite_and_names_bad_input(pretrained_model, ethanol_path, tmp_path, capsys):
