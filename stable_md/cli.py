@@ -263,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_import)
 
+    p = commands.add_parser("export", help="write a refined model back in the format it was imported from",
+                            description="Write a stable-md model imported from MACE (and refined) back as a MACE "
+                                        "model file, for MACE's own tools and MACECalculator. The architecture "
+                                        "comes from the file it was imported from (or --template), which is a "
+                                        "pickle: loading it needs --trust-pickle.")
+    p.add_argument("model", help="stable-md model file (imported, then refined)")
+    p.add_argument("--format", required=True, choices=["mace"], help="the framework to write for")
+    p.add_argument("-o", "--output", required=True, help="the file to write (e.g. refined.model)")
+    p.add_argument("--template", default=None,
+                   help="the original file of that framework (default: the path the model was imported from)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading the pickle-based template (only files you trust)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_export)
+
     p = commands.add_parser("simulate", help="run many MD replicas of a model in OpenMM",
                             description="Run R replicas of a model side by side in OpenMM (batched in one "
                                         "Context by default) and write one DCD trajectory per replica, a "
@@ -562,6 +577,15 @@ def _import(args: argparse.Namespace) -> int:
     save_model(potential, output, build_metadata(potential, hyper, history=history), overwrite=args.overwrite)
     print(f"wrote {output}: {args.format} model, species {potential.species_numbers.tolist()}, "
           f"cutoff {potential.cutoff} Å")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from stable_md.potentials.exporters import export_model
+
+    output = export_model(args.model, args.format, args.output, template=args.template,
+                          trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    print(f"wrote {output}: {args.format} model file with the parameters of {args.model}")
     return 0
 
 

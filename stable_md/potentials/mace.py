@@ -303,3 +303,55 @@ def import_mace_model(path: str | os.PathLike, trust_pickle: bool = False, speci
         "dtype": str(dtype).replace("torch.", ""),
     }
     return potential, hyperparameters
+
+
+def export_mace_model(model, output: str | os.PathLike, template: Optional[str | os.PathLike] = None,
+                      trust_pickle: bool = False) -> Path:
+    """Write a stable-md model imported from MACE (``model``: a loaded ModelFile) back as a MACE model file.
+
+    The MACE module comes from ``template`` (default: the file it was imported from, as its metadata
+    records), unpickled, which needs ``trust_pickle``; its parameters become the stable-md model's and
+    its reference energies E0 of the model's elements become the Potential's per-species shifts (what
+    refine refits), so MACE computes the energies stable-md does. Elements and heads the model did not
+    keep keep the template's E0. The file is written atomically with ``torch.save``, as MACE training
+    writes its models (``MACECalculator(model_paths=...)`` loads it).
+    """
+    from stable_md.files import atomic_write
+
+    hyper = model.metadata.get("hyperparameters", {})
+    source = Path(template) if template is not None else Path(hyper.get("source_file", ""))
+    if template is None and not source.is_file():
+        raise FileNotFoundError(f"{model.path} was imported from the MACE file {source}, which does not exist "
+                                f"any more; pass that file, or one of the same architecture, as --template")
+    if not source.is_file():
+        raise FileNotFoundError(f"--template {source} does not exist")
+    if not trust_pickle:
+        raise PermissionError(_pickle_refusal(source))
+    mace = _load_mace_module(source)
+    prefix = "backbone.model."
+    ours = {name[len(prefix):]: value for name, value in model.module.state_dict().items() if name.startswith(prefix)}
+    theirs = mace.state_dict()
+    different = sorted(set(ours) ^ set(theirs)) + sorted(
+        name for name in set(ours) & set(theirs) if tuple(ours[name].shape) != tuple(theirs[name].shape))
+    if different:
+        raise ValueError(f"{source} is not the MACE architecture {model.path} holds ({len(different)} parameters "
+                         f"differ, e.g. {different[0]}); pass the file it was imported from as --template")
+    scale = float(model.module.energy_scale)
+    if abs(scale - 1.0) > 1e-12:
+        raise ValueError(f"{model.path} scales MACE's energies by {scale:g}, which a MACE file cannot hold")
+    known = [int(z) for z in mace.atomic_numbers.tolist()]
+    kept = [int(z) for z in model.module.species_numbers.tolist()]
+    heads = list(getattr(mace, "heads", None) or ["Default"])
+    head = heads.index(hyper["head"]) if hyper.get("head") in heads else 0
+    e0 = mace.atomic_energies_fn.atomic_energies.detach().clone()  # the template's, for what the model did not keep
+    with torch.no_grad():
+        mace.load_state_dict(ours, strict=True)
+        table = mace.atomic_energies_fn.atomic_energies
+        table.copy_(e0)
+        row = table[head] if table.dim() == 2 else table
+        shifts = model.module.energy_shift.detach().to(table.dtype)
+        for k, z in enumerate(kept):
+            row[known.index(z)] = shifts[k]
+    output = Path(output)
+    atomic_write(output, lambda tmp: torch.save(mace, tmp))
+    return output

@@ -1,0 +1,41 @@
+"""Write refined models back to the framework they were imported from (MACE; see EXPORT_FORMATS)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from stable_md.potentials import architecture_module
+from stable_md.potentials.model_file import load_model
+
+EXPORT_FORMATS = {
+    "mace": "a MACE model file (torch.save of the module, as MACE training writes; MACECalculator loads it)",
+}
+# the function of each format's architecture module that writes it
+_EXPORTERS = {"mace": "export_mace_model"}
+
+
+def export_model(model: str | os.PathLike, kind: str, output: str | os.PathLike,
+                 template: Optional[str | os.PathLike] = None, trust_pickle: bool = False,
+                 overwrite: bool = False) -> Path:
+    """Write the stable-md model file ``model`` as a ``kind`` model file ``output``.
+
+    Only a model imported from ``kind`` has that format: its refined parameters go back into the
+    original architecture (``template``: the file it was imported from, by default).
+    """
+    if kind not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {kind!r}; expected one of {sorted(EXPORT_FORMATS)}")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; refusing to overwrite it (use --overwrite)")
+    loaded = load_model(model)
+    imported_from = loaded.metadata.get("hyperparameters", {}).get("imported_from")
+    if imported_from is None:
+        raise ValueError(f"{model} is a {loaded.arch} model made with stable-md, not imported from {kind}: it has no "
+                         f"{kind} format. Export writes a model back to the framework it was imported from; use "
+                         f"the stable-md file itself (StableCalculator, OpenMM-ML's MLPotential('stable-md'))")
+    if imported_from != kind:
+        raise ValueError(f"{model} was imported from {imported_from}, not {kind}; export it with --format "
+                         f"{imported_from}")
+    exporter = getattr(architecture_module(kind), _EXPORTERS[kind])
+    return exporter(loaded, output, template=template, trust_pickle=trust_pickle)
