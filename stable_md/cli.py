@@ -264,12 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_import)
 
     p = commands.add_parser("export", help="write a refined model back in the format it was imported from",
-                            description="Write a stable-md model imported from MACE (and refined) back as a MACE "
-                                        "model file, for MACE's own tools and MACECalculator. The architecture "
-                                        "comes from the file it was imported from (or --template), which is a "
-                                        "pickle: loading it needs --trust-pickle.")
+                            description="Write a stable-md model imported from MACE, NequIP or torchani (and "
+                                        "refined) back in that framework's format: a MACE model file for "
+                                        "MACECalculator, a deployed NequIP file for NequIPCalculator, a "
+                                        "torch.save'd torchani model. The architecture comes from the file it "
+                                        "was imported from (or --template); MACE and torchani files are "
+                                        "pickles, so loading them needs --trust-pickle.")
     p.add_argument("model", help="stable-md model file (imported, then refined)")
-    p.add_argument("--format", required=True, choices=["mace"], help="the framework to write for")
+    p.add_argument("--format", required=True, choices=["mace", "nequip", "ani"], help="the framework to write for")
     p.add_argument("-o", "--output", required=True, help="the file to write (e.g. refined.model)")
     p.add_argument("--template", default=None,
                    help="the original file of that framework (default: the path the model was imported from)")

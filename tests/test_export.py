@@ -1,6 +1,7 @@
-"""`stable-md export`: an imported MACE model, changed as refine changes it (parameters and per-species energy
-shifts), written back as a MACE model file that MACE's own MACECalculator loads and that gives stable-md's
-energies and forces, on a molecule and a periodic box (issue 14, item 4); and what export refuses."""
+"""`stable-md export`: imported MACE and NequIP models, changed as refine changes them (parameters and
+per-species energy shifts), written back as a MACE model file / a deployed NequIP file that MACE's
+MACECalculator / NequIP's NequIPCalculator load and that give stable-md's energies and forces, on a molecule
+and a periodic box (issue 14, item 4); and what export refuses."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,10 +19,10 @@ from stable_md import StableCalculator
 from stable_md.cli import main
 from stable_md.potentials import load_model, save_model
 
-if importlib.util.find_spec("mace") is None:
-    pytest.skip("mace-torch is needed for these tests", allow_module_level=True)
+if importlib.util.find_spec("mace") is None or importlib.util.find_spec("nequip") is None:
+    pytest.skip("mace-torch and nequip are needed for these tests", allow_module_level=True)
 
-from test_import_mace_nequip import _build_mace, _ethanol, _periodic_box  # noqa: E402
+from test_import_mace_nequip import _build_mace, _ethanol, _periodic_box, default_dtype, nequip_run  # noqa: E402,F401
 
 # MACE's calculator, in a process of its own: importing mace turns torch's safe loading off for the process
 MACE_CALCULATOR = """
@@ -130,3 +131,76 @@ def test_an_imported_mace_model_refined_here_exports_to_our_energies(tmp_path, e
     np.testing.assert_allclose(mace["forces"], atoms.get_forces(), atol=1e-6)
     atoms.calc = StableCalculator(imported, default_dtype="float64")
     assert abs(mace["energy"] - atoms.get_potential_energy()) > 1e-4, "refine changed the model that went back"
+
+
+def _changed_copy(imported, output, shifts):
+    """``imported`` with every parameter and the per-species energy shifts moved, as a refine moves them."""
+    model = load_model(imported)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.module.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+        model.module.energy_shift.add_(torch.tensor(shifts, dtype=model.module.energy_shift.dtype))
+    return save_model(model.module, output, model.metadata)
+
+
+def test_an_imported_nequip_model_goes_back_to_nequip_with_our_energies(nequip_run, tmp_path, capsys):
+    from nequip.ase import NequIPCalculator
+
+    directory, deployed = nequip_run
+    imported = tmp_path / "imported.pt"
+    assert main(["import", "nequip", str(deployed), "-o", str(imported)]) == 0
+    refined = _changed_copy(imported, tmp_path / "refined.pt", [0.1, -0.2, 0.3])
+    exported = tmp_path / "refined.pth"
+    assert main(["export", str(refined), "--format", "nequip", "-o", str(exported)]) == 0
+    for atoms in (_ethanol(), _periodic_box()):
+        ours = atoms.copy()
+        ours.calc = StableCalculator(refined, default_dtype="float64")
+        with default_dtype(torch.float64):  # nequip builds positions in the default dtype
+            atoms.calc = NequIPCalculator.from_deployed_model(str(exported), device="cpu")
+            energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        assert energy == pytest.approx(ours.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(forces, ours.get_forces(), atol=1e-6)
+        original = atoms.copy()
+        with default_dtype(torch.float64):
+            original.calc = NequIPCalculator.from_deployed_model(str(deployed), device="cpu")
+            assert abs(original.get_potential_energy() - energy) > 1e-3, "the change reached nequip"
+    # a training directory's import has no deployed file to start from: named, with the way out
+    from stable_md.potentials import build_metadata
+    from stable_md.potentials.nequip import import_nequip_training_dir
+
+    potential, hyper = import_nequip_training_dir(directory)
+    from_dir = save_model(potential, tmp_path / "from_dir.pt", build_metadata(potential, hyper))
+    assert main(["export", str(from_dir), "--format", "nequip", "-o", str(tmp_path / "x.pth")]) == 2
+    assert "is not a deployed file here; pass a `nequip-deploy build` file of the same model as --template" in \
+        capsys.readouterr().err
+    assert main(["export", str(from_dir), "--format", "nequip", "-o", str(tmp_path / "x.pth"),
+                 "--template", str(deployed)]) == 0
+    # a MACE import asked for as NequIP
+    assert main(["export", str(refined), "--format", "mace", "-o", str(tmp_path / "y.model")]) == 2
+    assert "was imported from nequip, not mace; export it with --format nequip" in capsys.readouterr().err
+
+
+def test_an_imported_torchani_model_goes_back_to_torchani_with_our_energies(tmp_path, capsys):
+    pytest.importorskip("torchani")
+    from test_import_ani import _assembled_ani, _ethanol_frames, _torchani_energy_forces
+
+    source = tmp_path / "ani.pt"
+    torch.save(_assembled_ani(ensemble=2, dtype=torch.float64), source)
+    imported = tmp_path / "imported.pt"
+    assert main(["import", "ani", str(source), "-o", str(imported), "--trust-pickle", "--species", "1,6,8"]) == 0
+    refined = _changed_copy(imported, tmp_path / "refined.pt", [0.1, -0.2, 0.3])
+    exported = tmp_path / "refined_ani.pt"
+    assert main(["export", str(refined), "--format", "ani", "-o", str(exported)]) == 2
+    assert "holds a pickled Python object" in capsys.readouterr().err and not exported.exists()
+    assert main(["export", str(refined), "--format", "ani", "-o", str(exported), "--trust-pickle"]) == 0
+    back = torch.load(exported, weights_only=False)
+    frames, numbers = _ethanol_frames(2)
+    energies, forces = _torchani_energy_forces(back, frames, numbers)
+    for frame, energy, force in zip(frames, energies, forces):
+        atoms = Atoms(numbers=numbers.numpy(), positions=frame.numpy())
+        atoms.calc = StableCalculator(refined, default_dtype="float64")
+        assert float(energy) == pytest.approx(atoms.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(force.numpy(), atoms.get_forces(), atol=1e-6)
+    original, _ = _torchani_energy_forces(torch.load(source, weights_only=False), frames, numbers)
+    assert abs(float(original[0] - energies[0])) > 1e-3, "the change reached torchani"

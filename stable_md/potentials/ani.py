@@ -239,9 +239,15 @@ def import_torchani_model(model_or_path: Any, species: Optional[List[int]] = Non
         source = str(path)
         obj = _read_torchani_file(path, trust_pickle)
     if isinstance(obj, Mapping):
-        return _import_state_dict(obj, species, source)
-    if isinstance(obj, nn.Module):
-        return _import_module(obj, species, source)
+        potential, hyper = _import_state_dict(obj, species, source)
+    elif isinstance(obj, nn.Module):
+        potential, hyper = _import_module(obj, species, source)
+    else:
+        potential = None
+    if potential is not None:
+        if isinstance(model_or_path, (str, os.PathLike)):  # what export finds again from another directory
+            hyper["imported_from"]["source"] = str(Path(model_or_path).resolve())
+        return potential, hyper
     raise ValueError(
         f"{source} is not a torchani model: got a {type(obj).__name__}, expected a torchani module or state dict"
     )
@@ -644,3 +650,53 @@ def _import_state_dict(state: Mapping[str, Any], species: Optional[Sequence[int]
     if not bias:
         hyper["imported_from"]["bias"] = False
     return potential, hyper
+
+
+def export_torchani_model(model, output: str | os.PathLike, template: Optional[str | os.PathLike] = None,
+                          trust_pickle: bool = False) -> Path:
+    """Write a stable-md model imported from a torchani ANI model (``model``: a loaded ModelFile) back as a
+    ``torch.save``d torchani module, as it was imported.
+
+    The module comes from ``template`` (default: the file it was imported from), unpickled, which needs
+    ``trust_pickle``; it must be a torchani ``ANI`` model (``torchani.models.*``, ``torchani.arch.Assembler``).
+    Its potentials take the refined parameters and its energy shifter the per-species shifts refine refits
+    (eV to Hartree), so torchani computes the energies stable-md does.
+    """
+    from torchani.arch import _ANI
+
+    from stable_md.files import atomic_write
+    from stable_md.potentials.exporters import template_tensors
+
+    origin = model.metadata.get("hyperparameters", {}).get("imported_from", {})
+    recorded = origin.get("source") if isinstance(origin, dict) else None
+    if template is None and (recorded is None or not Path(recorded).is_file()):
+        raise FileNotFoundError(f"{model.path} was imported from {recorded or 'a torchani model'}, which is not a "
+                                f"file here; pass the torch.save'd torchani model as --template")
+    source = Path(template) if template is not None else Path(recorded)
+    if not source.is_file():
+        raise FileNotFoundError(f"--template {source} does not exist")
+    ani = _read_torchani_file(source, trust_pickle)
+    if not isinstance(ani, _ANI):
+        raise ValueError(f"{source} holds a {type(ani).__name__}; export to torchani writes torchani ANI models "
+                         f"(torchani.models.*, torchani.arch.Assembler), so the template must be one")
+    names = {name.split(".")[2] for name in model.module.state_dict() if name.startswith("backbone.potentials.")}
+    # the template's potentials we hold (ours also holds buffers torchani does not save)
+    theirs = {name: value for name, value in ani.state_dict().items()
+              if name.startswith("potentials.") and name.split(".")[1] in names}
+    ours = template_tensors(model, "backbone.", theirs, source, "torchani", extra_allowed=True)
+    scale = float(model.module.energy_scale)
+    if abs(scale - HARTREE_IN_EV) > 1e-9 * HARTREE_IN_EV:
+        raise ValueError(f"{model.path} scales its backbone by {scale:g}, not Hartree to eV: not a torchani import")
+    shifts = model.module.energy_shift.detach().to(torch.float64) / HARTREE_IN_EV
+    element_index = model.module.backbone.element_index.tolist()
+    with torch.no_grad():
+        for name, value in theirs.items():
+            value.copy_(ours[name])
+        shifter = ani.energy_shifter
+        if bool((shifts != 0).any()) and not shifter._enabled:
+            raise ValueError(f"{model.path} has per-species energy shifts and {source}'s energy shifter is off")
+        for k, element in enumerate(element_index):
+            shifter.self_energies[element] = shifts[k].to(shifter.self_energies.dtype)
+    output = Path(output)
+    atomic_write(output, lambda tmp: torch.save(ani, tmp))
+    return output

@@ -1,4 +1,4 @@
-"""Write refined models back to the framework they were imported from (MACE; see EXPORT_FORMATS)."""
+"""Write refined models back to the framework they were imported from (MACE, NequIP, torchani; see EXPORT_FORMATS)."""
 from __future__ import annotations
 
 import os
@@ -10,9 +10,11 @@ from stable_md.potentials.model_file import load_model
 
 EXPORT_FORMATS = {
     "mace": "a MACE model file (torch.save of the module, as MACE training writes; MACECalculator loads it)",
+    "nequip": "a deployed NequIP model (as `nequip-deploy build` writes; NequIPCalculator.from_deployed_model)",
+    "ani": "a torch.save'd torchani ANI model (torchani.models.*, torchani.arch.Assembler)",
 }
 # the function of each format's architecture module that writes it
-_EXPORTERS = {"mace": "export_mace_model"}
+_EXPORTERS = {"mace": "export_mace_model", "nequip": "export_nequip_deployed", "ani": "export_torchani_model"}
 
 
 def export_model(model: str | os.PathLike, kind: str, output: str | os.PathLike,
@@ -29,7 +31,9 @@ def export_model(model: str | os.PathLike, kind: str, output: str | os.PathLike,
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; refusing to overwrite it (use --overwrite)")
     loaded = load_model(model)
-    imported_from = loaded.metadata.get("hyperparameters", {}).get("imported_from")
+    # what the import recorded (a name, or for torchani a description); the architecture names the framework
+    imported = loaded.metadata.get("hyperparameters", {}).get("imported_from")
+    imported_from = None if imported is None else loaded.arch
     if imported_from is None:
         raise ValueError(f"{model} is a {loaded.arch} model made with stable-md, not imported from {kind}: it has no "
                          f"{kind} format. Export writes a model back to the framework it was imported from; use "
@@ -39,3 +43,18 @@ def export_model(model: str | os.PathLike, kind: str, output: str | os.PathLike,
                          f"{imported_from}")
     exporter = getattr(architecture_module(kind), _EXPORTERS[kind])
     return exporter(loaded, output, template=template, trust_pickle=trust_pickle)
+
+
+def template_tensors(model, prefix: str, theirs: dict, source: Path, framework: str,
+                     extra_allowed: bool = False) -> dict:
+    """The model's tensors under ``prefix`` renamed as the template's (``theirs``: its state dict), checked to
+    be the same architecture: the same names (ours may hold more with ``extra_allowed``) and shapes."""
+    ours = {name[len(prefix):]: value for name, value in model.module.state_dict().items() if name.startswith(prefix)}
+    missing = sorted(set(theirs) - set(ours))
+    unexpected = [] if extra_allowed else sorted(set(ours) - set(theirs))
+    shapes = sorted(name for name in set(ours) & set(theirs) if tuple(ours[name].shape) != tuple(theirs[name].shape))
+    different = missing + unexpected + shapes
+    if different:
+        raise ValueError(f"{source} is not the {framework} architecture {model.path} holds ({len(different)} tensors "
+                         f"differ, e.g. {different[0]}); pass the file it was imported from as --template")
+    return ours

@@ -317,6 +317,7 @@ def export_mace_model(model, output: str | os.PathLike, template: Optional[str |
     writes its models (``MACECalculator(model_paths=...)`` loads it).
     """
     from stable_md.files import atomic_write
+    from stable_md.potentials.exporters import template_tensors
 
     hyper = model.metadata.get("hyperparameters", {})
     source = Path(template) if template is not None else Path(hyper.get("source_file", ""))
@@ -328,14 +329,7 @@ def export_mace_model(model, output: str | os.PathLike, template: Optional[str |
     if not trust_pickle:
         raise PermissionError(_pickle_refusal(source))
     mace = _load_mace_module(source)
-    prefix = "backbone.model."
-    ours = {name[len(prefix):]: value for name, value in model.module.state_dict().items() if name.startswith(prefix)}
-    theirs = mace.state_dict()
-    different = sorted(set(ours) ^ set(theirs)) + sorted(
-        name for name in set(ours) & set(theirs) if tuple(ours[name].shape) != tuple(theirs[name].shape))
-    if different:
-        raise ValueError(f"{source} is not the MACE architecture {model.path} holds ({len(different)} parameters "
-                         f"differ, e.g. {different[0]}); pass the file it was imported from as --template")
+    ours = template_tensors(model, "backbone.model.", mace.state_dict(), source, "MACE")
     scale = float(model.module.energy_scale)
     if abs(scale - 1.0) > 1e-12:
         raise ValueError(f"{model.path} scales MACE's energies by {scale:g}, which a MACE file cannot hold")

@@ -366,16 +366,7 @@ def import_nequip_deployed(path: str | os.PathLike, species: list[int] | None = 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"deployed NequIP model {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a deployed NequIP model (not a TorchScript archive)")
-    extra = {key: "" for key in _DEPLOY_KEYS}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except RuntimeError as error:
-        raise ValueError(f"{path} is not a deployed NequIP model (cannot load as TorchScript: {error})") from error
-    metadata = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in extra.items()}
+    module, metadata = _load_deployed(path)
     if not metadata["r_max"] or not metadata["type_names"]:
         raise ValueError(
             f"{path} is a TorchScript file without nequip deployment metadata (r_max, type_names); "
@@ -478,3 +469,68 @@ def import_nequip_training_dir(path: str | os.PathLike, trust_pickle: bool = Fal
         "source_dir": str(directory.resolve()),
         "type_names": type_names,
     })
+
+
+def export_nequip_deployed(model, output: str | os.PathLike, template: Optional[str | os.PathLike] = None,
+                           trust_pickle: bool = False) -> Path:
+    """Write a stable-md model imported from a deployed NequIP file (``model``: a loaded ModelFile) back as a
+    deployed NequIP file that ``NequIPCalculator.from_deployed_model`` and nequip's tools load.
+
+    The architecture and deployment metadata come from ``template`` (default: the deployed file it was
+    imported from; TorchScript, no pickle, so ``trust_pickle`` is not needed); its energy network takes the
+    refined parameters, and the per-species shifts refine refits are added to nequip's own per-species
+    shifts (divided by the global scale, which multiplies them in nequip).
+    """
+    from stable_md.files import atomic_write
+    from stable_md.potentials.exporters import template_tensors
+
+    hyper = model.metadata.get("hyperparameters", {})
+    recorded = hyper.get("source_file")
+    if template is None and (recorded is None or not Path(recorded).is_file()):
+        raise FileNotFoundError(f"{model.path} was imported from {recorded or 'a NequIP training directory'}, which "
+                                f"is not a deployed file here; pass a `nequip-deploy build` file of the same model "
+                                f"as --template")
+    source = Path(template) if template is not None else Path(recorded)
+    if not source.is_file():
+        raise FileNotFoundError(f"--template {source} does not exist")
+    deployed, extra = _load_deployed(source)
+    if not extra["r_max"]:
+        raise ValueError(f"{source} is not a deployed NequIP model (no deployment metadata)")
+    network, scale = _energy_network(deployed, str(source))
+    theirs = network.state_dict()
+    ours = template_tensors(model, "backbone.model.", theirs, source, "NequIP")
+    our_scale = float(model.module.energy_scale)
+    if abs(our_scale - scale) > 1e-9 * max(1.0, abs(scale)):
+        raise ValueError(f"{model.path} scales energies by {our_scale:g}, {source} by {scale:g}: not the same model")
+    shifts = model.module.energy_shift.detach().to(torch.float64)
+    holder = next((module for _, module in network.named_modules() if _class_name(module) == "PerSpeciesScaleShift"),
+                  None)
+    with torch.no_grad():
+        for name, value in theirs.items():
+            value.copy_(ours[name])
+        if bool((shifts != 0).any()):
+            if holder is None or not bool(holder.has_shifts):
+                raise ValueError(f"{model.path} has per-species energy shifts, and {source} has no per-species "
+                                 f"shifts to hold them")
+            type_index = model.module.backbone.type_index.tolist()
+            for k, nequip_type in enumerate(type_index):
+                holder.shifts[nequip_type] += (shifts[k] / scale).to(holder.shifts.dtype)
+    output = Path(output)
+    atomic_write(output, lambda tmp: torch.jit.save(deployed, str(tmp), _extra_files=extra))
+    return output
+
+
+def _load_deployed(path: Path) -> Tuple[torch.jit.ScriptModule, dict[str, str]]:
+    """A deployed NequIP file and every metadata file in it (decoded), so that a re-save keeps them all."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a deployed NequIP model (not a TorchScript archive)")
+    with zipfile.ZipFile(path) as archive:
+        names = {name.split("/extra/", 1)[1] for name in archive.namelist() if "/extra/" in name}
+    extra = {key: "" for key in sorted(names | set(_DEPLOY_KEYS))}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a deployed NequIP model (cannot load as TorchScript: {error})") from error
+    return module, {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in extra.items()}
