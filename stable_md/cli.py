@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow loading pickle-based files (only for files you trust)")
     p.add_argument("--species", default=None,
                    help="comma-separated atomic numbers to keep (default: all the model knows)")
+    p.add_argument("--reference", default=None,
+                   help="structures (any file ASE reads, e.g. the training data) whose bonds the model file stores "
+                        "for stability guards (StabilityReporter, simulate --structure); default: none stored")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_import)
 
@@ -574,12 +577,30 @@ def _import(args: argparse.Namespace) -> int:
             species = [int(z) for z in args.species.split(",")]
         except ValueError:
             raise ValueError(f"--species expects comma-separated atomic numbers, got {args.species!r}") from None
+    extra = {} if args.reference is None else _guard_reference(args.reference)
     potential, hyper = import_model(args.format, args.source, trust_pickle=args.trust_pickle, species=species)
+    unknown = sorted(set(extra.get("stability_reference", {}).get("numbers", [])) -
+                     set(potential.species_numbers.tolist()))
+    if unknown:
+        raise ValueError(f"--reference {args.reference} holds elements {unknown} the imported model does not know")
     history = [{"stage": "import", "format": args.format, "source": str(args.source)}]
-    save_model(potential, output, build_metadata(potential, hyper, history=history), overwrite=args.overwrite)
+    save_model(potential, output, build_metadata(potential, hyper, history=history, extra=extra),
+               overwrite=args.overwrite)
     print(f"wrote {output}: {args.format} model, species {potential.species_numbers.tolist()}, "
           f"cutoff {potential.cutoff} Å")
     return 0
+
+
+def _guard_reference(path: str) -> dict:
+    """The model-file entry a stability guard reads: the bonds of the frames in ``path``."""
+    from stable_md.guard import REFERENCE_KEY, stability_reference
+    from stable_md.stability import detect_bonds
+    from stable_md.structures import read_structures, spread_indices
+
+    numbers, positions, cells = read_structures(path)
+    frames = positions[spread_indices(len(positions), min(len(positions), 1000))]
+    bonds = detect_bonds(numbers, frames, None if cells is None else cells[0])
+    return {REFERENCE_KEY: stability_reference(bonds, f"{len(frames)} frames of {Path(path).resolve()}")}
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -181,3 +181,28 @@ def test_exploding_forces_and_bad_arguments(pretrained_model, ethanol):
         StabilityReporter(pretrained_model, 0)
     with pytest.raises(TypeError, match="guard must be True, False, None or a StabilityGuard, got str"):
         StableCalculator(pretrained_model, guard="yes")
+
+
+def test_an_imported_model_stores_the_reference_it_is_given(ethanol_path, tmp_path, capsys):
+    pytest.importorskip("torchani")
+    import torch
+
+    from stable_md.cli import main
+    from test_import_ani import _assembled_ani
+
+    source = tmp_path / "ani.pt"
+    torch.save(_assembled_ani(ensemble=1, dtype=torch.float32), source)
+    imported = tmp_path / "imported.pt"
+    assert main(["import", "ani", str(source), "-o", str(imported), "--trust-pickle", "--reference",
+                 str(ethanol_path)]) == 0
+    stored = read_metadata(imported)[REFERENCE_KEY]
+    assert stored["numbers"] == [6, 6, 8, 1, 1, 1, 1, 1, 1] and len(stored["bonds"]) == 8
+    assert stored["source"].startswith("500 frames of") and stored["source"].endswith("ethanol_xtb_500K.extxyz")
+    guard = StabilityGuard.from_model(imported, stored["numbers"])
+    assert guard.note.startswith("bonds the model stores (500 frames of")
+    # a reference with an element the model does not know is refused by name, nothing written
+    nitrogen = tmp_path / "nh3.xyz"
+    nitrogen.write_text("4\n\nN 0 0 0\nH 1.0 0 0\nH 0 1.0 0\nH 0 0 1.0\n")
+    assert main(["import", "ani", str(source), "-o", str(tmp_path / "n.pt"), "--trust-pickle", "--species", "1,6,8",
+                 "--reference", str(nitrogen)]) == 2
+    assert "--reference" in capsys.readouterr().err and not (tmp_path / "n.pt").exists()
