@@ -50,7 +50,7 @@ def models(args, folder: Path) -> tuple[Path, Path]:
 
 
 def openmm_run(model: Path, numbers, bonds, start, temperature: float, steps: int, seed: int):
-    """One OpenMM production run under the guard: (steps run, the InstabilityError or None)."""
+    """One OpenMM production run under the guard: (steps run, why it stopped or None)."""
     import openmm
     import openmm.app as app
     import openmm.unit as unit
@@ -72,12 +72,14 @@ def openmm_run(model: Path, numbers, bonds, start, temperature: float, steps: in
     try:
         simulation.step(steps)
     except InstabilityError as error:
-        return error.step, error
+        return error.step, error.reason
+    except openmm.OpenMMException as error:  # a blow-up between two checks: OpenMM stops on the model's message
+        return simulation.currentStep, str(error).splitlines()[0]
     return steps, None
 
 
 def ase_run(model: Path, numbers, start, temperature: float, steps: int, seed: int):
-    """One ASE production run under the guard: (steps run, the InstabilityError or None)."""
+    """One ASE production run under the guard: (steps run, why it stopped or None)."""
     from ase import Atoms, units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
@@ -96,7 +98,7 @@ def ase_run(model: Path, numbers, start, temperature: float, steps: int, seed: i
     try:
         dynamics.run(steps)
     except InstabilityError as error:
-        return error.step, error
+        return error.step, error.reason
     return steps, None
 
 
@@ -131,12 +133,12 @@ def main() -> int:
             started, stops = time.perf_counter(), []
             for run, start in enumerate(starts):
                 if engine == "OpenMM":
-                    ran, error = openmm_run(model, data.numbers, bonds, start, args.temperature, steps, seed=run + 1)
+                    ran, why = openmm_run(model, data.numbers, bonds, start, args.temperature, steps, seed=run + 1)
                 else:
-                    ran, error = ase_run(model, data.numbers, start, args.temperature, steps, seed=run + 1)
-                if error is not None:
+                    ran, why = ase_run(model, data.numbers, start, args.temperature, steps, seed=run + 1)
+                if why is not None:
                     stops.append(ran)
-                    print(f"  {label:>7} {engine:<6} run {run}: stopped at {ran * 0.0005:.2f} ps: {error.reason}")
+                    print(f"  {label:>7} {engine:<6} run {run}: stopped at {ran * 0.0005:.2f} ps: {why}")
             times = "" if not stops else " at " + ", ".join(f"{s * 0.0005:.2f}" for s in sorted(stops)) + " ps"
             print(f"{label:>7} {engine:<6}: {len(stops)} of {len(starts)} runs stopped by the guard{times}; "
                   f"{time.perf_counter() - started:.0f} s", flush=True)

@@ -129,8 +129,11 @@ class ModelCallback:
         if not path.exists():
             raise FileNotFoundError(f"the serialized System's model file {path} does not exist")
         dtype = state.get("dtype")  # the precision it ran in (a float64 copy of a float32 file stays float64)
-        self.model = load_model(path, device=state["device"],
-                                dtype=None if dtype is None else getattr(torch, dtype)).module
+        device = state["device"]
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            device = "cpu"  # a System saved on a GPU node still loads on a CPU one
+        state = {**state, "device": device}
+        self.model = load_model(path, device=device, dtype=None if dtype is None else getattr(torch, dtype)).module
         self.model_path = path
         self.numbers = np.asarray(state["numbers"], dtype=np.int64)
         self.n_replicas = int(state["n_replicas"])

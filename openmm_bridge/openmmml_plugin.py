@@ -70,6 +70,8 @@ class StableMDPotentialImpl(MLPotentialImpl):
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"MLPotential('{self.name}'): precision must be one of {list(PRECISIONS)}, got "
                              f"{precision!r}")
+        if options.get("device") is None:  # OpenMM-ML passes device=None through: choose as it would
+            options.pop("device", None)
         device = str(self._getTorchDevice(options))
         import torch
 

@@ -39,6 +39,8 @@ class StableCalculator(Calculator):
             raise TypeError(f"StableCalculator: guard must be True, False, None or a StabilityGuard, got "
                             f"{type(guard).__name__}")
         self.guard: bool | StabilityGuard | None = guard
+        self._guard_built: Optional[StabilityGuard] = None  # what guard=True built, for these atomic numbers
+        self._guard_numbers: Optional[list[int]] = None
         self.force_calls = 0
         paths = [model_paths] if isinstance(model_paths, (str, os.PathLike)) else list(model_paths)
         if not paths:
@@ -110,12 +112,17 @@ class StableCalculator(Calculator):
         """With ``guard``, raise :class:`~stable_md.guard.InstabilityError` for an unstable structure (the results
         of this call are kept). ``guard=True`` builds the guard at the first call: the bonds the model stores
         when its atoms are these, else those of the first structure."""
-        if self.guard is True:
-            box = None if cell is None else cell[0].detach().cpu().numpy().astype(np.float64)
-            self.guard = StabilityGuard.from_model(self.models[0], self.atoms.numbers, self.atoms.positions, box)
-        instability = self.guard.check(self.atoms.positions, self.results["forces"])
+        guard = self.guard
+        numbers = [int(z) for z in self.atoms.numbers]
+        if guard is True:
+            if self._guard_built is None or self._guard_numbers != numbers:  # other atoms: a guard of their own
+                box = None if cell is None else cell[0].detach().cpu().numpy().astype(np.float64)
+                self._guard_built = StabilityGuard.from_model(self.models[0], numbers, self.atoms.positions, box)
+                self._guard_numbers = numbers
+            guard = self._guard_built
+        instability = guard.check(self.atoms.positions, self.results["forces"])
         if instability is not None:
-            raise self.guard.error(instability, self.force_calls, where="StableCalculator: ", counted="force call")
+            raise guard.error(instability, self.force_calls, where="StableCalculator: ", counted="force call")
 
 
 def _evaluate(module, positions, numbers, cell, want_stress: bool):

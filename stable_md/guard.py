@@ -57,8 +57,13 @@ class InstabilityError(RuntimeError):
         self.step, self.time_ps = int(step), time_ps
         self.reason, self.atoms, self.value = instability.reason, instability.atoms, instability.value
         self.criterion = instability.criterion
+        self._arguments = (instability, step, time_ps, where, counted)
         when = f"{counted} {self.step}" + ("" if time_ps is None else f" ({time_ps:.4g} ps)")
         super().__init__(f"{where}unstable at {when}: {instability.reason}")
+
+    def __reduce__(self):
+        # a guarded run in a process pool hands its error back whole
+        return type(self), self._arguments
 
 
 def stability_reference(bonds: BondGraph, source: str) -> dict[str, Any]:
@@ -118,20 +123,35 @@ class StabilityGuard:
         model = model.path if isinstance(model, ModelFile) else model
         stored = metadata.get(REFERENCE_KEY)
         numbers = [int(z) for z in numbers]
+        mismatch = None
         if stored is not None and stored["numbers"] == numbers:
             bonds = BondGraph(pairs=np.asarray(stored["bonds"], dtype=np.int64).reshape(-1, 2),
                               reference_lengths=np.asarray(stored["lengths_angstrom"], dtype=np.float64),
                               numbers=np.asarray(numbers))
-            return cls(make_criterion(criterion, CriterionInputs(bonds, cell), threshold), atoms,
-                       note=f"bonds the model stores ({stored['source']})")
+            guard = cls(make_criterion(criterion, CriterionInputs(bonds, cell), threshold), atoms,
+                        note=f"bonds the model stores ({stored['source']})")
+            # the same elements in another order (hydrogens listed differently) would break the stored bonds at once
+            mismatch = None if positions is None else guard._starting_mismatch(positions)
+            if mismatch is None:
+                return guard
         if positions is None:
             why = ("stores no reference (imported, or written before 2026-12-03)" if stored is None else
                    f"stores a reference for other atoms ({len(stored['numbers'])} atoms)")
             raise ValueError(f"{model} {why}; give the starting positions so that the guard takes its bonds "
                              f"from them, or use StabilityGuard.from_data")
         guard = cls.from_structure(numbers, positions, cell, criterion, threshold, atoms)
-        guard.note = f"bonds of the starting structure ({model} {'stores none' if stored is None else 'is for other atoms'})"
+        why = ("stores none" if stored is None else "is for other atoms" if mismatch is None else
+               f"stores bonds the starting structure does not have: {mismatch}; its atoms may be in another order")
+        guard.note = f"bonds of the starting structure ({model} {why})"
         return guard
+
+    def _starting_mismatch(self, positions: np.ndarray) -> Optional[str]:
+        """Why the first of ``positions`` (``[N, 3]`` or ``[F, N, 3]`` Å, the guarded atoms) already fails this
+        guard's criterion, or None."""
+        frames = np.asarray(positions, dtype=np.float64).reshape(-1, np.asarray(positions).shape[-2], 3)
+        if self.criterion.windowed or not bool(self.criterion(frames[:1])[0]):
+            return None
+        return self.criterion.reasons(frames[:1])[0]
 
     # -- checking ------------------------------------------------------------------------------------
     def check(self, positions: np.ndarray, forces: Optional[np.ndarray] = None) -> Optional[Instability]:
@@ -181,7 +201,8 @@ class GuardLog:
     """Where a guard's events go: a file path (appended), an open text stream, or nowhere."""
 
     def __init__(self, log: Optional[str | os.PathLike | IO[str]]) -> None:
-        self.log = log
+        # a path means the one named now, whatever the working directory is when something happens
+        self.log = Path(log).resolve() if isinstance(log, (str, os.PathLike)) else log
 
     def write(self, line: str) -> None:
         if self.log is None:

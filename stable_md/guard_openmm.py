@@ -12,6 +12,12 @@ with their forces. On an unstable frame it writes the step, the time and the rea
   the integrator's temperature so the run does not replay the same path, and goes on; after
   ``maxRewinds`` rewinds it stops as ``"stop"`` does.
 
+Between checks OpenMM itself stops on what no step can integrate (non-finite positions, or a model force
+above 1000 eV/Å): ``simulation.step`` then raises ``openmm.OpenMMException`` with the model's message, which
+no reporter sees; catch it beside :class:`~stable_md.guard.InstabilityError`. With ``"rewind"`` the
+reporter must be the last in ``simulation.reporters`` (so that none records the discarded state), and the
+global parameters set since the checkpoint are kept.
+
 Given a model file instead of a :class:`~stable_md.guard.StabilityGuard`, it builds one at its first
 report: the bonds the model stores when its atoms are the guarded ones, else those of the structure
 at that first report. It follows OpenMM's reporter protocol and imports no OpenMM (state values are
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import IO, Optional, Sequence
 
 import numpy as np
@@ -46,7 +53,12 @@ class StabilityReporter:
         self.action = check_action(action, ACTIONS)
         self.log = GuardLog(log)
         self.guard = guard if isinstance(guard, StabilityGuard) else None
-        self.model = None if isinstance(guard, StabilityGuard) else guard
+        self.model = None
+        if not isinstance(guard, StabilityGuard):  # checked now, not steps later, and whatever the directory then
+            from stable_md.potentials.model_file import read_metadata
+
+            self.model = Path(guard).resolve()
+            read_metadata(self.model)
         self.atoms = None if atoms is None else [int(a) for a in atoms]
         self.criterion, self.threshold = criterion, threshold
         self.max_rewinds, self.rewinds = int(maxRewinds), 0
@@ -54,6 +66,8 @@ class StabilityReporter:
         self.events: list[tuple[int, Instability]] = []
         self._last_stable: Optional[tuple[bytes, int]] = None
         self._unstable = False
+        self._simulation = None  # the one being guarded: a reporter reused on another starts afresh
+        self._built_guard = self.guard is None
 
     def describeNextReport(self, simulation) -> dict:
         steps = self.interval - simulation.currentStep % self.interval
@@ -61,14 +75,16 @@ class StabilityReporter:
         return {"steps": steps, "periodic": False, "include": ["positions", "forces"]}
 
     def report(self, simulation, state) -> None:
+        if simulation is not self._simulation:
+            self._start(simulation)
+        if self.action == "rewind" and simulation.reporters and simulation.reporters[-1] is not self:
+            # reporters after it in the same round would record the unstable state under the rewound step
+            raise ValueError("StabilityReporter(action='rewind') must be the last of simulation.reporters: append "
+                             "it after the others")
         positions = _in_nm(state.getPositions(asNumpy=True), "positions") * NM_IN_ANGSTROM
         forces = _in_kj_per_mol_nm(state.getForces(asNumpy=True)) / EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM
         if self.guard is None:
             self.guard = self._guard_for(simulation, positions, state)
-        if self.action == "rewind" and not hasattr(simulation.integrator, "getTemperature"):
-            raise ValueError(f"StabilityReporter(action='rewind') draws new velocities at the integrator's "
-                             f"temperature, and {type(simulation.integrator).__name__} has none; use a thermostat "
-                             f"integrator (LangevinMiddleIntegrator, NoseHooverIntegrator) or action='stop'")
         instability = self.guard.check(positions, forces)
         step, time_ps = int(simulation.currentStep), float(state.getTime().value_in_unit(state.getTime().unit))
         if instability is None:
@@ -91,9 +107,26 @@ class StabilityReporter:
             f" (after {self.rewinds} rewinds)" if self._last_stable is not None else " (no stable check to rewind to)")
         raise self.guard.error(instability, step, time_ps, where=f"StabilityReporter{note}: ")
 
+    def _start(self, simulation) -> None:
+        """Forget another simulation's state, and check what a rewind needs."""
+        self._simulation = simulation
+        self.events, self.rewinds, self._last_stable, self._unstable = [], 0, None, False
+        if self._built_guard:
+            self.guard = None
+        if self.action != "rewind":
+            return
+        if not hasattr(simulation.integrator, "getTemperature"):
+            raise ValueError(f"StabilityReporter(action='rewind') draws new velocities at the integrator's "
+                             f"temperature, and {type(simulation.integrator).__name__} has none; use a thermostat "
+                             f"integrator (LangevinMiddleIntegrator, NoseHooverIntegrator) or action='stop'")
+
     def _rewind(self, simulation) -> None:
         checkpoint, step = self._last_stable
+        # a checkpoint holds the global parameters too: keep the ones set since (lambda schedules, restraints)
+        parameters = dict(simulation.context.getParameters())
         simulation.context.loadCheckpoint(checkpoint)
+        for name, value in parameters.items():
+            simulation.context.setParameter(name, value)
         simulation.currentStep = step
         temperature = simulation.integrator.getTemperature()
         # the checkpoint restores the random stream too: new velocities keep the run from replaying the same path

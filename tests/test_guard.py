@@ -206,3 +206,50 @@ def test_an_imported_model_stores_the_reference_it_is_given(ethanol_path, tmp_pa
     assert main(["import", "ani", str(source), "-o", str(tmp_path / "n.pt"), "--trust-pickle", "--species", "1,6,8",
                  "--reference", str(nitrogen)]) == 2
     assert "--reference" in capsys.readouterr().err and not (tmp_path / "n.pt").exists()
+
+
+def test_review_cases_permuted_atoms_reuse_rewind_parameters_and_pickling(pretrained_model, ethanol, tmp_path):
+    import pickle
+
+    # the same elements in another order: the stored bonds would break at once, so the structure's are used
+    order = [0, 1, 2, 8, 3, 4, 5, 6, 7]  # the hydroxyl H listed before the others
+    permuted = ethanol.positions[0][order]
+    guard = StabilityGuard.from_model(pretrained_model, ethanol.numbers[order], permuted)
+    assert "does not have" in guard.note and "another order" in guard.note, guard.note
+    assert guard.check(permuted) is None
+
+    # one calculator with guard=True on two molecules: each gets its own guard
+    calculator = StableCalculator(pretrained_model, guard=True)
+    for atoms in (Atoms(numbers=ethanol.numbers, positions=ethanol.positions[0]),
+                  Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [0, 0.96, 0]])):
+        atoms.calc = calculator
+        atoms.get_forces()
+
+    # a rewind keeps the global parameters set since its checkpoint; it must be the last reporter
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 0.5 * unit.femtosecond)
+    simulation = _pulled_simulation(pretrained_model, ethanol, integrator, pull_kj_per_mol_nm=0.0)
+    reporter = StabilityReporter(pretrained_model, 10, action="rewind", maxRewinds=1, seed=0)
+    simulation.reporters.append(reporter)
+    simulation.step(20)
+    simulation.context.setParameter("k", 5e4)
+    with pytest.raises(InstabilityError, match="after 1 rewinds"):
+        simulation.step(2000)
+    assert simulation.context.getParameter("k") == 5e4 and reporter.rewinds == 1
+    simulation.reporters.append(app.StateDataReporter(str(tmp_path / "state.csv"), 10, step=True))
+    with pytest.raises(ValueError, match="must be the last of simulation.reporters"):
+        simulation.step(10)
+    # reused on another simulation, it starts afresh
+    fresh = _pulled_simulation(pretrained_model, ethanol, openmm.LangevinMiddleIntegrator(
+        300 * unit.kelvin, 1 / unit.picosecond, 0.5 * unit.femtosecond), pull_kj_per_mol_nm=0.0)
+    fresh.reporters.append(reporter)
+    fresh.step(30)
+    assert reporter.rewinds == 0 and reporter.events == []
+
+    # the error pickles whole (a guarded run in a process pool)
+    again = pickle.loads(pickle.dumps(InstabilityError(guard.check(permuted + np.where(
+        np.arange(9)[:, None] == 3, 3.0, 0.0)), 12, 0.006)))
+    assert again.step == 12 and again.time_ps == 0.006 and again.atoms and "unstable at step 12" in str(again)
+
+    # a model path with a typo is named when the reporter is made, not steps later
+    with pytest.raises(FileNotFoundError):
+        StabilityReporter(tmp_path / "typo.pt", 10)

@@ -226,6 +226,15 @@ def test_double_precision_is_a_float64_copy_of_the_model(pretrained_model, ethan
     callback = pickle.loads(bytes.fromhex(pickled))
     assert callback.dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in callback.model.parameters())
+    if not torch.cuda.is_available():  # a System saved on a GPU node (OpenMM-ML's default device) loads here
+        from openmm_bridge.forces import ModelCallback
+
+        state = {**callback.__getstate__(), "device": "cuda"}
+        moved = ModelCallback.__new__(ModelCallback)
+        moved.__setstate__(state)
+        assert moved.device == torch.device("cpu") and next(moved.model.parameters()).device.type == "cpu"
+    # OpenMM-ML passes device=None through: the automatic choice
+    MLPotential("stable-md", modelPath=str(pretrained_model)).createSystem(ethanol_topology, device=None)
     energy, _ = _energy_forces(system, ethanol.positions[0] * 0.1)
     single, _ = _reference(pretrained_model, ethanol.numbers, ethanol.positions[0])
     assert energy == pytest.approx(single, abs=1e-3)

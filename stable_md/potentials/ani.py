@@ -694,7 +694,8 @@ def export_torchani_model(model, output: str | os.PathLike, template: Optional[s
             value.copy_(ours[name])
         shifter = ani.energy_shifter
         if bool((shifts != 0).any()) and not shifter._enabled:
-            raise ValueError(f"{model.path} has per-species energy shifts and {source}'s energy shifter is off")
+            shifter.self_energies.zero_()  # refine refits the shifts: a shifter that was off now holds them
+            shifter._enabled = True
         for k, element in enumerate(element_index):
             shifter.self_energies[element] = shifts[k].to(shifter.self_energies.dtype)
     output = Path(output)
