@@ -120,7 +120,8 @@ class StableCalculator(Calculator):
                 self._guard_built = StabilityGuard.from_model(self.models[0], numbers, self.atoms.positions, box)
                 self._guard_numbers = numbers
             guard = self._guard_built
-        instability = guard.check(self.atoms.positions, self.results["forces"])
+        instability = guard.check(self.atoms.positions, self.results["forces"],
+                                  np.asarray(self.atoms.cell) if cell is not None else None)
         if instability is not None:
             raise guard.error(instability, self.force_calls, where="StableCalculator: ", counted="force call")
 

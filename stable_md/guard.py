@@ -154,9 +154,13 @@ class StabilityGuard:
         return self.criterion.reasons(frames[:1])[0]
 
     # -- checking ------------------------------------------------------------------------------------
-    def check(self, positions: np.ndarray, forces: Optional[np.ndarray] = None) -> Optional[Instability]:
+    def check(self, positions: np.ndarray, forces: Optional[np.ndarray] = None,
+              cell: Optional[np.ndarray] = None) -> Optional[Instability]:
         """The instability of one frame (positions ``[N, 3]`` Å and optionally forces ``[N, 3]`` eV/Å, of the
-        whole system when ``atoms`` was given), or None when it is stable."""
+        whole system when ``atoms`` was given), or None when it is stable. ``cell`` [3, 3] Å: the box now, for
+        a periodic criterion (under a barostat the box changes; a molecule's criterion has none)."""
+        if cell is not None and getattr(self.criterion, "cell", None) is not None:
+            self.criterion.cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
         positions = np.asarray(positions, dtype=np.float64)
         if self.atoms is not None:
             positions = positions[self.atoms]

@@ -8,6 +8,8 @@ import os
 import warnings
 from typing import IO, Optional
 
+import numpy as np
+
 from stable_md.guard import GuardLog, Instability, StabilityGuard, check_action
 
 
@@ -37,7 +39,8 @@ class StabilityObserver:
                 forces = self.atoms.calc.get_property("forces", self.atoms, allow_calculation=False)
             except Exception:  # a calculator without cached forces, or one that cannot give them
                 forces = None
-        instability = self.guard.check(self.atoms.positions, forces)
+        cell = np.asarray(self.atoms.cell) if self.atoms.pbc.all() else None
+        instability = self.guard.check(self.atoms.positions, forces, cell)
         if instability is None:
             self._unstable = False
             return

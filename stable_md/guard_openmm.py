@@ -85,7 +85,7 @@ class StabilityReporter:
         forces = _in_kj_per_mol_nm(state.getForces(asNumpy=True)) / EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM
         if self.guard is None:
             self.guard = self._guard_for(simulation, positions, state)
-        instability = self.guard.check(positions, forces)
+        instability = self.guard.check(positions, forces, _periodic_box(simulation, state))
         step, time_ps = int(simulation.currentStep), float(state.getTime().value_in_unit(state.getTime().unit))
         if instability is None:
             self._unstable = False
@@ -140,12 +140,16 @@ class StabilityReporter:
         atoms = list(simulation.topology.atoms())
         chosen = range(len(atoms)) if self.atoms is None else self.atoms
         numbers = [atoms[a].element.atomic_number for a in chosen]
-        cell = None
-        box = state.getPeriodicBoxVectors(asNumpy=True)
-        if simulation.topology.getPeriodicBoxVectors() is not None and box is not None:
-            cell = _in_nm(box, "box") * NM_IN_ANGSTROM
+        cell = _periodic_box(simulation, state)
         return StabilityGuard.from_model(self.model, numbers, positions[list(chosen)], cell, self.criterion,
                                          self.threshold, self.atoms)
+
+
+def _periodic_box(simulation, state) -> Optional[np.ndarray]:
+    """The box now (Å), or None for a non-periodic simulation."""
+    if simulation.topology.getPeriodicBoxVectors() is None:
+        return None
+    return _in_nm(state.getPeriodicBoxVectors(asNumpy=True), "box") * NM_IN_ANGSTROM
 
 
 def _in_nm(quantity, what: str) -> np.ndarray:

@@ -253,3 +253,17 @@ def test_review_cases_permuted_atoms_reuse_rewind_parameters_and_pickling(pretra
     # a model path with a typo is named when the reporter is made, not steps later
     with pytest.raises(FileNotFoundError):
         StabilityReporter(tmp_path / "typo.pt", 10)
+
+
+def test_a_periodic_guard_measures_in_the_box_of_each_check():
+    """Under a barostat the box changes: a bond across the boundary is measured in the box it has now."""
+    cell = np.diag([10.0, 10.0, 10.0])
+    positions = np.array([[9.7, 5.0, 5.0], [0.26, 5.0, 5.0], [9.7, 5.96, 5.0]])  # O at the face, H through it
+    guard = StabilityGuard.from_structure([8, 1, 1], positions, cell)
+    assert guard.check(positions) is None
+    assert guard.check(positions, cell=cell) is None
+    stretched = guard.check(positions, cell=np.diag([11.0, 10.0, 10.0]))  # the same coordinates, a longer box
+    assert stretched is not None and stretched.atoms == (0, 1) and stretched.value == pytest.approx(1.0, abs=1e-6)
+    # a molecule's guard has no box and takes none
+    molecule = StabilityGuard.from_structure([8, 1, 1], positions - [9.0, 0, 0])
+    assert molecule.check(positions - [9.0, 0, 0], cell=cell) is None and molecule.criterion.cell is None
