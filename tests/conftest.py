@@ -43,6 +43,14 @@ def pretrained_model(tmp_path_factory, ethanol) -> Path:
     return output
 
 
+@pytest.fixture(scope="session")
+def nequip_run(tmp_path_factory):
+    """A nequip training directory and its `nequip-deploy build` output (tests/small_models.py), made once."""
+    from small_models import make_nequip_run
+
+    return make_nequip_run(tmp_path_factory.mktemp("nequip_run"))
+
+
 @pytest.fixture(autouse=True)
 def safe_loading_stays_on():
     """Importing mace sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; our code must never leave it set."""

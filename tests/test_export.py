@@ -22,7 +22,8 @@ from stable_md.potentials import load_model, save_model
 if importlib.util.find_spec("mace") is None or importlib.util.find_spec("nequip") is None:
     pytest.skip("mace-torch and nequip are needed for these tests", allow_module_level=True)
 
-from test_import_mace_nequip import _build_mace, _ethanol, _periodic_box, default_dtype, nequip_run  # noqa: E402,F401
+from small_models import default_dtype  # noqa: E402
+from test_import_mace_nequip import _build_mace, _ethanol, _periodic_box  # noqa: E402
 
 # MACE's calculator, in a process of its own: importing mace turns torch's safe loading off for the process
 MACE_CALCULATOR = """

@@ -6,7 +6,6 @@ molecule and on a periodic box, in float64.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import subprocess
@@ -19,7 +18,7 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
-from small_models import periodic_test_box
+from small_models import NEQUIP_R_MAX, default_dtype, periodic_test_box
 from stable_md.potentials import build_metadata, energy_and_forces, load_model, save_model
 
 # find_spec, not importorskip: importing the `mace` package itself sets
@@ -29,16 +28,6 @@ if importlib.util.find_spec("mace") is None or importlib.util.find_spec("nequip"
 
 FLAG = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 E0 = {1: -13.6, 6: -1029.0, 7: -1484.0, 8: -2040.0}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _ethanol() -> Atoms:
@@ -253,60 +242,6 @@ def test_importing_mace_keeps_safe_loading(plain_mace_file, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # NequIP
 # ---------------------------------------------------------------------------------------------
-
-NEQUIP_R_MAX = 3.0
-
-
-@pytest.fixture(scope="module")
-def nequip_run(tmp_path_factory):
-    """A nequip training directory (config.yaml + best_model.pth) and its `nequip-deploy build` output.
-
-    The weights are nequip's initial ones, with non-trivial per-species scales and
-    shifts and a global scale written into the state dict so that folding them
-    into the Potential is exercised.
-    """
-    import yaml
-
-    from stable_md.potentials._e3nn_env import import_nequip
-
-    import_nequip()
-    from nequip.model import model_from_config
-    from nequip.scripts.train import default_config
-    from nequip.utils import Config
-
-    directory = tmp_path_factory.mktemp("nequip_run")
-    config = dict(default_config)
-    config.update({
-        "r_max": NEQUIP_R_MAX, "num_layers": 2, "l_max": 1, "parity": True, "num_features": 8,
-        "num_basis": 4, "invariant_layers": 1, "invariant_neurons": 8, "avg_num_neighbors": 4.0,
-        # listed out of order on purpose: nequip sorts chemical_symbols by atomic number
-        "chemical_symbols": ["O", "H", "C"],
-        "per_species_rescale_scales": 1.0,
-        "default_dtype": "float64", "model_dtype": "float64", "device": "cpu",
-    })
-    config = Config.from_dict(config)
-    torch.manual_seed(5)
-    with default_dtype(torch.float64):
-        model = model_from_config(config, initialize=False)
-    state = model.state_dict()
-    state["model.scale_by"].fill_(0.8)
-    state["model.model.func.per_species_rescale.scales"].copy_(torch.tensor([0.9, 1.1, 1.2]))
-    state["model.model.func.per_species_rescale.shifts"].copy_(torch.tensor([-13.6, -1029.0, -2040.0]))
-    torch.save(state, directory / "best_model.pth")
-    (directory / "config.yaml").write_text(yaml.dump(dict(config)))  # what nequip-train writes
-
-    deployed = directory.parent / "deployed.pth"
-    # nequip's own deploy CLI. e3nn 0.4.4 cannot import under torch>=2.6's weights-only
-    # default, so the process allow-lists `slice` first instead of disabling safe loading.
-    code = ("import sys, torch; torch.serialization.add_safe_globals([slice]); "
-            "from nequip.scripts.deploy import main; main(sys.argv[1:])")
-    result = subprocess.run(
-        [sys.executable, "-c", code, "build", "--train-dir", str(directory), str(deployed)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return directory, deployed
-
 
 def _nequip_reference(deployed: Path, atoms: Atoms):
     """Energy and forces of the deployed model evaluated by nequip itself."""
