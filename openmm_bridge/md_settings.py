@@ -82,6 +82,11 @@ class MDSettings:
         return cls(**{name: values[name] for name in cls.names() if name in values})
 
 
+# What the MD fields records had no place for before were in effect then (runs and evaluations written before the
+# field was kept resume with these values).
+RECORDED_BEFORE = {"platform": "CPU", "mode": "batched"}
+
+
 def platform_for_device(device: str) -> str:
     """The OpenMM platform that matches a torch device: CUDA for ``cuda``/``cuda:N``, CPU otherwise."""
     return "CUDA" if device.split(":", 1)[0] == "cuda" else "CPU"

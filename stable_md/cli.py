@@ -593,14 +593,12 @@ def _import(args: argparse.Namespace) -> int:
 
 def _guard_reference(path: str) -> dict:
     """The model-file entry a stability guard reads: the bonds of the frames in ``path``."""
-    from stable_md.guard import REFERENCE_KEY, stability_reference
-    from stable_md.stability import detect_bonds
-    from stable_md.structures import read_structures, spread_indices
+    from stable_md.guard import REFERENCE_KEY, stored_reference_of
+    from stable_md.structures import read_structures
 
     numbers, positions, cells = read_structures(path)
-    frames = positions[spread_indices(len(positions), min(len(positions), 1000))]
-    bonds = detect_bonds(numbers, frames, None if cells is None else cells[0])
-    return {REFERENCE_KEY: stability_reference(bonds, f"{len(frames)} frames of {Path(path).resolve()}")}
+    return {REFERENCE_KEY: stored_reference_of(numbers, positions, None if cells is None else cells[0],
+                                               f"{min(len(positions), 1000)} frames of {Path(path).resolve()}")}
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from openmm_bridge.md_settings import MDSettings, flat_record
+from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.devices import check_device, this_rank_device
@@ -57,8 +57,6 @@ MODELS_DIRECTORY = "models"
 _RESUME_KEYS = ("n_replicas", "temperature", "timestep", "total_time", "integrator", "collision_frequency",
                 "friction", "criterion", "threshold", "check_every", "observable", "seed", "rdf_window",
                 "vacf_window", "mode")
-# What a key records had no place for before was in effect then (--mode came with MDSettings).
-_RECORDED_BEFORE = {"mode": "batched"}
 
 
 @dataclass
@@ -343,7 +341,7 @@ def _clear(directory: Path, existing: list[Path]) -> None:
 def _differing_settings(recorded: dict, current: dict) -> list[str]:
     """The settings a resumed evaluation must share with the earlier one (:data:`_RESUME_KEYS`) that differ."""
     return [key for key in _RESUME_KEYS
-            if recorded.get(key, _RECORDED_BEFORE.get(key)) != current.get(key, _RECORDED_BEFORE.get(key))]
+            if recorded.get(key, RECORDED_BEFORE.get(key)) != current.get(key, RECORDED_BEFORE.get(key))]
 
 
 def _check_same_plan(directory: Path, plan: dict, settings: dict) -> None:

@@ -24,6 +24,7 @@ OpenMM reporter can also rewind to the last stable state (``"rewind"``).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Optional, Sequence
@@ -70,6 +71,15 @@ def stability_reference(bonds: BondGraph, source: str) -> dict[str, Any]:
     """What a model file stores for guards (metadata key :data:`REFERENCE_KEY`): atoms, bonds, lengths (Å)."""
     return {"numbers": [int(z) for z in bonds.numbers], "bonds": np.asarray(bonds.pairs, dtype=int).tolist(),
             "lengths_angstrom": [round(float(length), 5) for length in bonds.reference_lengths], "source": source}
+
+
+def stored_reference_of(numbers: Sequence[int], positions: np.ndarray, cell: Optional[np.ndarray],
+                        source: str) -> dict[str, Any]:
+    """:func:`stability_reference` of the bonds of up to 1000 frames spread over ``positions`` [F, N, 3] Å."""
+    from stable_md.structures import spread_indices
+
+    frames = np.asarray(positions)[spread_indices(len(positions), min(len(positions), 1000))]
+    return stability_reference(detect_bonds(np.asarray(numbers), frames, cell), source)
 
 
 class StabilityGuard:
@@ -217,6 +227,32 @@ class GuardLog:
         else:
             self.log.write(line + "\n")
             self.log.flush()
+
+
+class GuardRecord:
+    """What a guard running beside a simulation keeps: its unstable events, their log lines, and one warning per
+    unstable stretch (``action="warn"``)."""
+
+    def __init__(self, log: Optional[str | os.PathLike | IO[str]]) -> None:
+        self.log = GuardLog(log)
+        self.reset()
+
+    def reset(self) -> None:
+        self.events: list[tuple[int, Instability]] = []
+        self._unstable = False
+
+    def stable(self) -> None:
+        self._unstable = False
+
+    def unstable(self, step: int, time_ps: Optional[float], instability: Instability, action: str,
+                 who: str = "") -> None:
+        """Record ``instability`` at ``step``; with ``warn``, warn when an unstable stretch begins."""
+        when = f"step {step}" + ("" if time_ps is None else f" ({time_ps:.4g} ps)")
+        self.events.append((step, instability))
+        self.log.write(f"{when}: unstable: {instability.reason} [{action}]")
+        if action == "warn" and not self._unstable:
+            warnings.warn(f"{who}unstable at {when}: {instability.reason}", RuntimeWarning, stacklevel=3)
+        self._unstable = True
 
 
 def check_action(action: str, actions: Sequence[str]) -> str:

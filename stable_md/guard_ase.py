@@ -5,12 +5,11 @@ See :mod:`stable_md.guard` for the guard and its reference.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import IO, Optional
 
 import numpy as np
 
-from stable_md.guard import GuardLog, Instability, StabilityGuard, check_action
+from stable_md.guard import GuardRecord, Instability, StabilityGuard, check_action
 
 
 class StabilityObserver:
@@ -26,10 +25,13 @@ class StabilityObserver:
                  log: Optional[str | os.PathLike | IO[str]] = None) -> None:
         self.atoms, self.guard, self.dynamics = atoms, guard, dynamics
         self.action = check_action(action, ("stop", "warn"))
-        self.log = GuardLog(log)
+        self.record = GuardRecord(log)
         self.checks = 0
-        self.events: list[tuple[int, Instability]] = []
-        self._unstable = False
+
+    @property
+    def events(self) -> list[tuple[int, Instability]]:
+        """(step, instability) of every unstable check."""
+        return self.record.events
 
     def __call__(self) -> None:
         self.checks += 1
@@ -42,7 +44,7 @@ class StabilityObserver:
         cell = np.asarray(self.atoms.cell) if self.atoms.pbc.all() else None
         instability = self.guard.check(self.atoms.positions, forces, cell)
         if instability is None:
-            self._unstable = False
+            self.record.stable()
             return
         step = int(getattr(self.dynamics, "nsteps", self.checks)) if self.dynamics is not None else self.checks
         time_ps = None
@@ -50,11 +52,6 @@ class StabilityObserver:
             from ase import units
 
             time_ps = step * self.dynamics.dt / (1000 * units.fs)
-        self.events.append((step, instability))
-        self.log.write(f"step {step}{'' if time_ps is None else f' ({time_ps:.4g} ps)'}: unstable: "
-                       f"{instability.reason} [{self.action}]")
+        self.record.unstable(step, time_ps, instability, self.action)
         if self.action == "stop":
             raise self.guard.error(instability, step, time_ps)
-        if not self._unstable:
-            warnings.warn(f"unstable at step {step}: {instability.reason}", RuntimeWarning, stacklevel=2)
-        self._unstable = True

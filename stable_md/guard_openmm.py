@@ -26,13 +26,12 @@ read in OpenMM's own units, nm and kJ/mol/nm).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
 import numpy as np
 
-from stable_md.guard import GuardLog, Instability, StabilityGuard, check_action
+from stable_md.guard import GuardRecord, Instability, StabilityGuard, check_action
 from stable_md.units import EV_PER_ANGSTROM_IN_KJ_PER_MOL_NM, NM_IN_ANGSTROM
 
 ACTIONS = ("stop", "warn", "rewind")
@@ -51,7 +50,7 @@ class StabilityReporter:
             raise ValueError(f"maxRewinds must be >= 0, got {maxRewinds}")
         self.interval = int(reportInterval)
         self.action = check_action(action, ACTIONS)
-        self.log = GuardLog(log)
+        self.record = GuardRecord(log)
         self.guard = guard if isinstance(guard, StabilityGuard) else None
         self.model = None
         if not isinstance(guard, StabilityGuard):  # checked now, not steps later, and whatever the directory then
@@ -63,11 +62,14 @@ class StabilityReporter:
         self.criterion, self.threshold = criterion, threshold
         self.max_rewinds, self.rewinds = int(maxRewinds), 0
         self.rng = np.random.default_rng(seed)
-        self.events: list[tuple[int, Instability]] = []
         self._last_stable: Optional[tuple[bytes, int]] = None
-        self._unstable = False
         self._simulation = None  # the one being guarded: a reporter reused on another starts afresh
         self._built_guard = self.guard is None
+
+    @property
+    def events(self) -> list[tuple[int, Instability]]:
+        """(step, instability) of every unstable check of the simulation guarded now."""
+        return self.record.events
 
     def describeNextReport(self, simulation) -> dict:
         steps = self.interval - simulation.currentStep % self.interval
@@ -86,19 +88,15 @@ class StabilityReporter:
         if self.guard is None:
             self.guard = self._guard_for(simulation, positions, state)
         instability = self.guard.check(positions, forces, _periodic_box(simulation, state))
-        step, time_ps = int(simulation.currentStep), float(state.getTime().value_in_unit(state.getTime().unit))
+        time = state.getTime()
+        step, time_ps = int(simulation.currentStep), float(time.value_in_unit(time.unit))
         if instability is None:
-            self._unstable = False
+            self.record.stable()
             if self.action == "rewind":
                 self._last_stable = (simulation.context.createCheckpoint(), step)
             return
-        self.events.append((step, instability))
-        self.log.write(f"step {step} ({time_ps:.4g} ps): unstable: {instability.reason} [{self.action}]")
+        self.record.unstable(step, time_ps, instability, self.action, who="StabilityReporter: ")
         if self.action == "warn":
-            if not self._unstable:
-                warnings.warn(f"StabilityReporter: unstable at step {step} ({time_ps:.4g} ps): {instability.reason}",
-                              RuntimeWarning, stacklevel=2)
-            self._unstable = True
             return
         if self.action == "rewind" and self._last_stable is not None and self.rewinds < self.max_rewinds:
             self._rewind(simulation)
@@ -110,7 +108,8 @@ class StabilityReporter:
     def _start(self, simulation) -> None:
         """Forget another simulation's state, and check what a rewind needs."""
         self._simulation = simulation
-        self.events, self.rewinds, self._last_stable, self._unstable = [], 0, None, False
+        self.record.reset()
+        self.rewinds, self._last_stable = 0, None
         if self._built_guard:
             self.guard = None
         if self.action != "rewind":
@@ -133,7 +132,7 @@ class StabilityReporter:
         simulation.context.setVelocitiesToTemperature(temperature, int(self.rng.integers(1, 2**31 - 1)))
         self.guard.reset()
         self.rewinds += 1
-        self.log.write(f"rewound to step {step} (rewind {self.rewinds} of at most {self.max_rewinds}), new "
+        self.record.log.write(f"rewound to step {step} (rewind {self.rewinds} of at most {self.max_rewinds}), new "
                        f"velocities at {temperature}")
 
     def _guard_for(self, simulation, positions: np.ndarray, state) -> StabilityGuard:

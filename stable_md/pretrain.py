@@ -21,9 +21,7 @@ from stable_md.devices import check_device
 from stable_md.potentials import (Potential, build_metadata, build_potential, energy_and_forces, model_dtype_device,
                                   save_model)
 from stable_md.files import atomic_write, read_checkpoint, truncate_jsonl_log
-from stable_md.guard import REFERENCE_KEY, stability_reference
-from stable_md.observables import reference_frames
-from stable_md.stability import detect_bonds
+from stable_md.guard import REFERENCE_KEY, stored_reference_of
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -347,10 +345,9 @@ def pretrain(data: Dataset | str | Path, arch: str, output: str | Path, *,
         "report": report,
     }
     # what a stability guard needs from the model file alone: the bonds of the training frames
-    train_cell = None if train.cells is None else train.cells[0]
-    bonds = detect_bonds(train.numbers, reference_frames(train), train_cell)
-    metadata = build_metadata(potential, hyper, history=[history_entry], extra={
-        REFERENCE_KEY: stability_reference(bonds, f"{len(train)} training frames of {data.source}")})
+    metadata = build_metadata(potential, hyper, history=[history_entry], extra={REFERENCE_KEY: stored_reference_of(
+        train.numbers, train.positions, None if train.cells is None else train.cells[0],
+        f"{len(train)} training frames of {data.source}")})
     save_model(potential, output, metadata, overwrite=True)
     checkpoint_path.unlink(missing_ok=True)
     return potential, report

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from openmm_bridge.md_settings import MDSettings, flat_record
+from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.devices import check_device, this_rank_device
@@ -55,8 +55,6 @@ OPTIMIZERS = ("sgd", "adam")
 BUDGET_KEYS = ("max_cycles", "max_epochs", "max_simulation_time", "max_wall_time")
 # The model's device may change; OpenMM's platform may not (its checkpoints load only on the platform that wrote them).
 MAY_CHANGE_ON_RESUME = BUDGET_KEYS + ("device",)
-# What a key records had no place for before was in effect then.
-RECORDED_BEFORE = {"platform": "CPU"}
 # Where refine's time goes: MD of both phases, the Boltzmann estimator, the energy/force step (with the update).
 TIME_PARTS = ("simulation", "estimator", "energy_force")
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from openmm_bridge.md_settings import MDSettings, flat_record
+from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record
 from openmm_bridge.replicas import ReplicaSet, snapshot_from_arrays, snapshot_to_arrays
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, StateLog, TrajectoryReporter,
                                      TrajectoryWriter, dcd_name, replica_status, truncate_dcd, truncate_state_log,
@@ -39,8 +39,6 @@ CHECKPOINT_NAME = "checkpoint.npz"
 RESUME_KEYS = ("model", "n_replicas", "numbers", "integrator", "temperature", "timestep", "friction",
                "collision_frequency", "seed", "frame_interval", "mode", "backend", "periodic", "stability",
                "bond_threshold", "platform")
-# What a key records had no place for before was in effect then.
-RECORDED_BEFORE = {"platform": "CPU"}
 STABILITY_CRITERIA = ("bond", "none")
 
 

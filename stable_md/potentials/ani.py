@@ -665,16 +665,13 @@ def export_torchani_model(model, output: str | os.PathLike, template: Optional[s
     from torchani.arch import _ANI
 
     from stable_md.files import atomic_write
-    from stable_md.potentials.exporters import template_tensors
+    from stable_md.potentials.exporters import template_path, template_tensors
 
     origin = model.metadata.get("hyperparameters", {}).get("imported_from", {})
     recorded = origin.get("source") if isinstance(origin, dict) else None
-    if template is None and (recorded is None or not Path(recorded).is_file()):
-        raise FileNotFoundError(f"{model.path} was imported from {recorded or 'a torchani model'}, which is not a "
-                                f"file here; pass the torch.save'd torchani model as --template")
-    source = Path(template) if template is not None else Path(recorded)
-    if not source.is_file():
-        raise FileNotFoundError(f"--template {source} does not exist")
+    source = template_path(template, recorded, f"{model.path} was imported from {recorded or 'a torchani model'}, "
+                                               f"which is not a file here; pass the torch.save'd torchani model as "
+                                               f"--template")
     ani = _read_torchani_file(source, trust_pickle)
     if not isinstance(ani, _ANI):
         raise ValueError(f"{source} holds a {type(ani).__name__}; export to torchani writes torchani ANI models "

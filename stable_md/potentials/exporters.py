@@ -58,3 +58,15 @@ def template_tensors(model, prefix: str, theirs: dict, source: Path, framework: 
         raise ValueError(f"{source} is not the {framework} architecture {model.path} holds ({len(different)} tensors "
                          f"differ, e.g. {different[0]}); pass the file it was imported from as --template")
     return ours
+
+
+def template_path(template: Optional[str | os.PathLike], recorded: Optional[str], missing: str) -> Path:
+    """The template file: ``template`` when given, else ``recorded`` (the file the model was imported from);
+    ``missing`` is the message when that recorded file is not there."""
+    if template is None:
+        if recorded is None or not Path(recorded).is_file():
+            raise FileNotFoundError(missing)
+        return Path(recorded)
+    if not Path(template).is_file():
+        raise FileNotFoundError(f"--template {template} does not exist")
+    return Path(template)

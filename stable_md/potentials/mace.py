@@ -317,15 +317,13 @@ def export_mace_model(model, output: str | os.PathLike, template: Optional[str |
     writes its models (``MACECalculator(model_paths=...)`` loads it).
     """
     from stable_md.files import atomic_write
-    from stable_md.potentials.exporters import template_tensors
+    from stable_md.potentials.exporters import template_path, template_tensors
 
     hyper = model.metadata.get("hyperparameters", {})
-    source = Path(template) if template is not None else Path(hyper.get("source_file", ""))
-    if template is None and not source.is_file():
-        raise FileNotFoundError(f"{model.path} was imported from the MACE file {source}, which does not exist "
-                                f"any more; pass that file, or one of the same architecture, as --template")
-    if not source.is_file():
-        raise FileNotFoundError(f"--template {source} does not exist")
+    recorded = hyper.get("source_file")
+    source = template_path(template, recorded, f"{model.path} was imported from the MACE file {recorded}, which "
+                                               f"does not exist any more; pass that file, or one of the same "
+                                               f"architecture, as --template")
     if not trust_pickle:
         raise PermissionError(_pickle_refusal(source))
     mace = _load_mace_module(source)

@@ -482,17 +482,13 @@ def export_nequip_deployed(model, output: str | os.PathLike, template: Optional[
     shifts (divided by the global scale, which multiplies them in nequip).
     """
     from stable_md.files import atomic_write
-    from stable_md.potentials.exporters import template_tensors
+    from stable_md.potentials.exporters import template_path, template_tensors
 
-    hyper = model.metadata.get("hyperparameters", {})
-    recorded = hyper.get("source_file")
-    if template is None and (recorded is None or not Path(recorded).is_file()):
-        raise FileNotFoundError(f"{model.path} was imported from {recorded or 'a NequIP training directory'}, which "
-                                f"is not a deployed file here; pass a `nequip-deploy build` file of the same model "
-                                f"as --template")
-    source = Path(template) if template is not None else Path(recorded)
-    if not source.is_file():
-        raise FileNotFoundError(f"--template {source} does not exist")
+    recorded = model.metadata.get("hyperparameters", {}).get("source_file")
+    origin = recorded or "a NequIP training directory"
+    source = template_path(template, recorded, f"{model.path} was imported from {origin}, which is not a deployed "
+                                               f"file here; pass a `nequip-deploy build` file of the same model as "
+                                               f"--template")
     deployed, extra = _load_deployed(source)
     if not extra["r_max"]:
         raise ValueError(f"{source} is not a deployed NequIP model (no deployment metadata)")
