@@ -7,13 +7,16 @@ are) and no thermostat, so changing the frozen set rebuilds the Context (about 1
 
 ``PerReplicaEngine``: R Systems of N particles and R Contexts sharing one model; a
 frozen replica's Context is simply not stepped. Slower for small molecules, but each
-replica's integrator state (thermostat chain, random stream) is its own.
+replica's integrator state (thermostat chain, random stream) is its own. It alone runs a model
+inside MM surroundings (:mod:`openmm_bridge.mm_environment`): each replica's System is a copy of
+the mixed template with the model's force on the model's atoms; copies in one box would interact.
 
 All arrays here are in OpenMM units (nm, nm/ps); ReplicaSet converts.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+import copy
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import openmm
@@ -51,11 +54,16 @@ def _gpu_index(device: str) -> int:
     return parsed.index if parsed.index is not None else torch.cuda.current_device()
 
 
+# Relative tolerance to which written states are put on their constraints (OpenMM's default integrator one).
+CONSTRAINT_TOLERANCE = 1e-5
+
+
 class ReplicaEngine(Protocol):
     """What :class:`openmm_bridge.replicas.ReplicaSet` needs of a way to hold R replicas in OpenMM.
 
     A new backend implements these and adds itself to :data:`ENGINES` under the name ``mode`` selects.
-    Arrays are [R, N, 3] in nm and nm/ps; ``frozen`` masks are [R] bool.
+    Arrays are [R, P, 3] in nm and nm/ps (P particles per replica: the model's N atoms, plus MM
+    surroundings where the engine holds them); ``frozen`` masks are [R] bool.
     """
 
     builds: int  # how many times the Contexts were made; snapshots record it so a rewind rebuilds alike
@@ -98,16 +106,24 @@ class ReplicaEngine(Protocol):
 
 
 class _Engine:
-    """Common state: layout, masses, integrator settings, box."""
+    """Common state: layout, masses, integrator settings, box.
+
+    ``masses`` [P] amu of every particle of a replica; ``template``: a System of those P particles to copy
+    for each replica (MM surroundings), whose ``model_atoms`` the model computes; without one, the P
+    particles are the model's atoms (P = N) and nothing else acts on them.
+    """
 
     def __init__(self, model, numbers: np.ndarray, masses: np.ndarray, n_replicas: int,
                  box_nm: Optional[np.ndarray], settings: MDSettings, backend: str,
-                 platform: str, device: str) -> None:
+                 platform: str, device: str, template: Optional[openmm.System] = None,
+                 model_atoms: Optional[Sequence[int]] = None) -> None:
         self.model = model
         self.numbers = numbers
         self.masses = masses
         self.n_replicas = n_replicas
-        self.n_atoms = len(numbers)
+        self.n_atoms = len(masses)  # particles per replica
+        self.template = template
+        self.model_atoms = None if model_atoms is None else [int(i) for i in model_atoms]
         self.box_nm = box_nm
         self.settings = settings
         self.backend = backend
@@ -116,9 +132,12 @@ class _Engine:
         self.builds = 0
 
     def _new_system(self, masses: np.ndarray) -> openmm.System:
-        system = openmm.System()
-        for mass in masses.reshape(-1):
-            system.addParticle(float(mass))
+        if self.template is not None:
+            system = copy.deepcopy(self.template)
+        else:
+            system = openmm.System()
+            for mass in masses.reshape(-1):
+                system.addParticle(float(mass))
         if self.box_nm is not None:
             system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in self.box_nm))
         return system
@@ -135,6 +154,9 @@ class BatchedEngine(_Engine):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.template is not None:
+            raise ValueError("a model inside MM surroundings runs with one Context per replica (mode "
+                             "'per-replica', --mode per-replica): copies in one box would interact")
         self.callback = ModelCallback(self.model, self.numbers, self.n_replicas, periodic=self.box_nm is not None,
                                       device=self.device, on_failure="freeze")
         self.frozen = np.zeros(self.n_replicas, dtype=bool)
@@ -219,10 +241,14 @@ class PerReplicaEngine(_Engine):
         self.contexts, self.integrators = [], []
         for replica, callback in enumerate(self.callbacks):
             system = self._new_system(self.masses)
-            system.addForce(make_force(callback, self.backend))
-            # Each replica its own random stream: replica index and build count both salt the seed.
-            integrator = build_integrator(self.settings, [range(self.n_atoms)],
-                                          salt=self.builds * 100_003 + replica)
+            force = make_force(callback, self.backend)
+            if self.model_atoms is not None:
+                force.setParticles(self.model_atoms)  # the callback sees the model's atoms only, in its order
+            system.addForce(force)
+            # Each replica its own random stream: replica index and build count both salt the seed. In MM
+            # surroundings one thermostat holds the whole System, its constraints counted by OpenMM.
+            groups = None if self.template is not None else [range(self.n_atoms)]
+            integrator = build_integrator(self.settings, groups, salt=self.builds * 100_003 + replica)
             self.integrators.append(integrator)
             self.contexts.append(self._new_context(system, integrator))
 
@@ -247,9 +273,15 @@ class PerReplicaEngine(_Engine):
         return positions, velocities
 
     def write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+        constrained = self.template is not None and self.template.getNumConstraints() > 0
         for replica, context in enumerate(self.contexts):
             context.setPositions(positions[replica])
             context.setVelocities(velocities[replica])
+            if constrained:
+                # rigid waters, X-H bonds: velocities drawn per atom move along constraints, which the
+                # integrator would drop at its first step, leaving the replica colder than drawn
+                context.applyConstraints(CONSTRAINT_TOLERANCE)
+                context.applyVelocityConstraints(CONSTRAINT_TOLERANCE)
 
     def checkpoint(self) -> tuple[bytes, ...]:
         return tuple(context.createCheckpoint() for context in self.contexts)
@@ -275,6 +307,15 @@ class PerReplicaEngine(_Engine):
 
     def last_error(self) -> Optional[BaseException]:
         return None  # per-replica failures are contained, see step()
+
+    def potential_energies(self) -> np.ndarray:
+        """[R] potential energy (kJ/mol) of each running replica's whole System now (the model's part and the MM
+        surroundings'); NaN for frozen ones. ReplicaSet asks for it when the replicas have MM surroundings."""
+        energies = np.full(self.n_replicas, np.nan)
+        for replica in np.flatnonzero(~self.frozen):
+            state = self.contexts[replica].getState(getEnergy=True)
+            energies[replica] = state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole)
+        return energies
 
     def replica_error(self, replica: int) -> Optional[BaseException]:
         return self.errors[replica]

@@ -11,7 +11,7 @@ temperature, which is what :func:`replica_temperatures` reports, then equals T.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import openmm
 
@@ -35,11 +35,13 @@ def thermostat_temperature(temperature: float, n_atoms: int) -> float:
     return temperature * (3 * n_atoms - 3) / (3 * n_atoms)
 
 
-def build_integrator(settings: MDSettings, thermostat_groups: Sequence[Sequence[int]],
+def build_integrator(settings: MDSettings, thermostat_groups: Optional[Sequence[Sequence[int]]],
                      salt: int = 0) -> openmm.Integrator:
     """An integrator for a System whose replicas are ``thermostat_groups`` (particle indices of running replicas).
 
-    ``salt`` varies the random stream between rebuilds of the same replica set.
+    ``thermostat_groups=None``: the System is one replica with MM surroundings; Nosé-Hoover then holds it with
+    one thermostat over the whole System, whose degrees of freedom OpenMM counts (constraints, a
+    CMMotionRemover). ``salt`` varies the random stream between rebuilds of the same replica set.
     """
     step_ps = settings.timestep / PS_IN_FS
     if settings.integrator == "verlet":
@@ -49,6 +51,9 @@ def build_integrator(settings: MDSettings, thermostat_groups: Sequence[Sequence[
         integrator.setRandomNumberSeed(openmm_seed(settings.seed, salt))
         return integrator
     integrator = openmm.NoseHooverIntegrator(step_ps)
+    if thermostat_groups is None:
+        integrator.addThermostat(settings.temperature, settings.collision_frequency, CHAIN_LENGTH, 3, 7)
+        return integrator
     for group in thermostat_groups:
         target = thermostat_temperature(settings.temperature, len(group))
         integrator.addSubsystemThermostat([int(i) for i in group], [], target, settings.collision_frequency,

@@ -98,3 +98,12 @@ def flat_record(settings: Any) -> dict:
     record = asdict(settings)
     md = record.pop("md", None) or {}
     return {**record, **md}
+
+
+def same_environment(saved: Optional[dict], new: Optional[dict]) -> bool:
+    """Whether two records of MM surroundings (``MMEnvironment.record()``, or None for none) are the same: the
+    same file contents and model atoms, wherever the files now lie."""
+    def essence(record: Optional[dict]) -> Optional[dict]:
+        return None if record is None else {k: v for k, v in record.items() if k != "environment"}
+
+    return essence(saved) == essence(new)

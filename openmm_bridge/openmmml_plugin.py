@@ -13,9 +13,11 @@ the ML atoms, ``interpolate=True`` adds ``lambda_interpolate``, ``forceGroup`` p
 force is stable-md's PythonForce on the ML atoms alone (``PythonForce.setParticles``), so the System
 may hold any number of other particles; units are converted at the edge (nm, kJ/mol outside).
 
-Arguments of ``MLPotential(...)`` or ``createSystem(...)``: ``modelPath`` (required), ``device``
-(default: cuda when torch sees a GPU, else cpu, as OpenMM-ML's own potentials choose), ``precision``
-(``'single'`` or ``'double'``: the model's float32 or float64; default: as the file stores it).
+Arguments of ``MLPotential(...)`` or ``createSystem(...)``: ``modelPath`` (the model file), or instead
+``model`` (a model already loaded: a ``ModelFile`` or a module, used as it is, on its own device and in its own
+precision; a System holding it cannot be serialized); ``device`` (default: cuda when torch sees a GPU, else cpu,
+as OpenMM-ML's own potentials choose), ``precision`` (``'single'`` or ``'double'``: the model's float32 or
+float64; default: as the file stores it).
 
 This module imports only OpenMM-ML here; torch and the model load when a System is made.
 """
@@ -41,17 +43,20 @@ class StableMDPotentialImplFactory(MLPotentialImplFactory):
 class StableMDPotentialImpl(MLPotentialImpl):
     """A stable-md model file as an OpenMM-ML potential; see the module docstring for the arguments."""
 
-    def __init__(self, name: str, modelPath: Optional[str] = None, **args) -> None:
+    def __init__(self, name: str, modelPath: Optional[str] = None, model=None, **args) -> None:
         from pathlib import Path
 
-        if modelPath is None:
+        if (modelPath is None) == (model is None):
             raise ValueError(f"MLPotential('{name}') needs the model file: MLPotential('{name}', "
-                             f"modelPath='model.stable.pt')")
-        path = Path(modelPath)
-        if not path.is_file():
-            raise FileNotFoundError(f"MLPotential('{name}'): modelPath {path} does not exist")
+                             f"modelPath='model.stable.pt') (or model=, a model already loaded; not both)")
         self.name = name
-        self.model_path = path.resolve()
+        self.model = model
+        self.model_path = None
+        if modelPath is not None:
+            path = Path(modelPath)
+            if not path.is_file():
+                raise FileNotFoundError(f"MLPotential('{name}'): modelPath {path} does not exist")
+            self.model_path = path.resolve()
         self.args = args
 
     def getMLLongRange(self) -> bool:
@@ -75,19 +80,30 @@ class StableMDPotentialImpl(MLPotentialImpl):
         device = str(self._getTorchDevice(options))
         import torch
 
-        dtype = None if precision is None else getattr(torch, PRECISIONS[precision])
-        model = load_model(self.model_path, device=device, dtype=dtype)
-        missing = sorted(set(numbers) - set(int(z) for z in model.metadata["species"]))
+        if self.model is None:
+            dtype = None if precision is None else getattr(torch, PRECISIONS[precision])
+            model = load_model(self.model_path, device=device, dtype=dtype)
+            known, cutoff, what = model.metadata["species"], model.metadata["cutoff"], self.model_path
+        else:
+            if precision is not None:
+                raise ValueError(f"MLPotential('{self.name}', model=...): a loaded model runs in its own precision; "
+                                 f"convert it before (model.to(torch.float64)) instead of passing precision")
+            model = self.model
+            module = getattr(model, "module", model)
+            known, cutoff = module.species_numbers.tolist(), float(module.cutoff)
+            device = str(next(module.parameters()).device)
+            what = getattr(self.model, "path", None) or "the model"
+        missing = sorted(set(numbers) - set(int(z) for z in known))
         if missing:
             raise ValueError(f"MLPotential('{self.name}'): the ML atoms hold elements {missing} that "
-                             f"{self.model_path} was not trained on (it knows {model.metadata['species']})")
+                             f"{what} was not trained on (it knows {sorted(int(z) for z in known)})")
         box = topology.getPeriodicBoxVectors()
         periodic = box is not None
         if periodic:
             from stable_md.geometry_checks import check_cell_fits_cutoff
 
-            check_cell_fits_cutoff(np.asarray(box.value_in_unit(openmm.unit.angstrom)), model.metadata["cutoff"],
-                                   f"MLPotential('{self.name}') with {self.model_path.name}")
+            check_cell_fits_cutoff(np.asarray(box.value_in_unit(openmm.unit.angstrom)), cutoff,
+                                   f"MLPotential('{self.name}') with {getattr(what, 'name', what)}")
         callback = ModelCallback(model, numbers, 1, periodic=periodic, device=device)
         force = make_force(callback, "python")
         if atoms is not None:

@@ -16,6 +16,12 @@ Context whose single force evaluates the model on all of them as one batch;
 ``mode="per-replica"`` gives each its own Context (useful for large systems and as a
 check). A replica whose positions, energy or forces become non-finite is marked
 unstable and frozen at its last finite state; the others carry on.
+
+With ``environment`` (an :class:`openmm_bridge.mm_environment.MMEnvironment`) the model's atoms sit in
+MM surroundings (a solute in MM water): each replica is the whole mixed System, one Context per
+replica (``mode="per-replica"``). The state (:meth:`~ReplicaSet.positions`, snapshots, resets) is then
+every particle's, [R, P, 3]; reporters' frames hold the model's atoms (what criteria, observables and
+the estimator see) and, in ``system_positions``, every particle.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import json
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import openmm
@@ -36,6 +42,9 @@ from openmm_bridge.forces import BACKENDS, MAX_FORCE_EV_PER_A, ModelCallback
 from openmm_bridge.integrators import openmm_seed
 from openmm_bridge.md_settings import MDSettings
 from openmm_bridge.reporters import CallbackReporter, Reporter
+
+if TYPE_CHECKING:
+    from openmm_bridge.mm_environment import MMEnvironment
 from stable_md.potentials.base import model_dtype_device
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.units import (ANGSTROM_PER_FS_IN_NM_PER_PS, KB_EV_PER_K, KB_KJ_PER_MOL_K, KJ_PER_MOL_IN_EV,
@@ -50,17 +59,21 @@ NONFINITE_REASON = f"non-finite or exploding energy, forces or positions (|F| > 
 class ReplicaFrames:
     """The replicas at one moment (handed to reporters).
 
-    positions [R, N, 3] Å; velocities [R, N, 3] Å/fs; potential_energy, kinetic_energy
-    [R] eV (NaN for replicas not running); temperature [R] K from the internal kinetic
-    energy (3N - 3 degrees of freedom); running [R] bool. The potential energy costs one
-    model evaluation, made the first time a reporter asks for it.
+    positions [R, N, 3] Å and velocities [R, N, 3] Å/fs of the model's atoms; system_positions
+    [R, P, 3] Å of every particle (the same array without MM surroundings); potential_energy,
+    kinetic_energy [R] eV of the whole System (NaN for replicas not running); temperature [R] K
+    from the internal kinetic energy (3N - 3 degrees of freedom; with MM surroundings, OpenMM's
+    count for the System); running [R] bool. The potential energy costs one model evaluation, made
+    the first time a reporter asks for it.
     """
 
     def __init__(self, step: int, time: float, positions: np.ndarray, velocities: np.ndarray,
                  kinetic_energy: np.ndarray, temperature: np.ndarray, running: np.ndarray,
-                 potential_energy: Callable[[], np.ndarray] | np.ndarray) -> None:
+                 potential_energy: Callable[[], np.ndarray] | np.ndarray,
+                 system_positions: Optional[np.ndarray] = None) -> None:
         self.step, self.time = step, time
         self.positions, self.velocities = positions, velocities
+        self.system_positions = positions if system_positions is None else system_positions
         self.kinetic_energy, self.temperature, self.running = kinetic_energy, temperature, running
         self._potential = potential_energy
 
@@ -124,6 +137,11 @@ class ReplicaSet:
         ``[N]`` amu; default: standard atomic masses.
     check_interval:
         Steps between non-finite checks (freezing happens at these boundaries).
+    environment:
+        MM surroundings of the model's atoms (:class:`~openmm_bridge.mm_environment.MMEnvironment`):
+        ``numbers`` are then the model's atoms (the environment's), ``positions`` every particle's
+        (``[P, 3]`` or ``[R, P, 3]`` Å), the box and the masses the environment's (``cell`` and
+        ``masses`` stay None), and ``mode`` must be ``per-replica``.
     """
 
     def __init__(self, model: nn.Module | ModelFile | str | os.PathLike, numbers: Sequence[int],
@@ -132,7 +150,8 @@ class ReplicaSet:
                  friction: float = 1.0, collision_frequency: float = 10.0, seed: int = 0,
                  velocities: Optional[np.ndarray] = None, mode: str = "batched", backend: str = "python",
                  platform: Optional[str] = None, device: str = "cpu", masses: Optional[Sequence[float]] = None,
-                 check_interval: int = DEFAULT_CHECK_INTERVAL) -> None:
+                 check_interval: int = DEFAULT_CHECK_INTERVAL, environment: Optional["MMEnvironment"] = None
+                 ) -> None:
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model, device=device)
         self.model_file = model if isinstance(model, ModelFile) else None
@@ -142,6 +161,11 @@ class ReplicaSet:
             raise ValueError(f"numbers must be a 1-D list of atomic numbers, got shape {self.numbers.shape}")
         self._check_species()
         self.n_atoms = len(self.numbers)
+        self.environment = environment
+        # particles per replica: the model's atoms, or with MM surroundings every particle of the System
+        self.n_particles = self.n_atoms if environment is None else environment.n_particles
+        if environment is not None:
+            _check_environment(environment, self.numbers, cell, masses, mode, backend)
         start = self._start_positions(positions, n_replicas)
         self.n_replicas = len(start)
         if backend not in BACKENDS:
@@ -159,15 +183,23 @@ class ReplicaSet:
         if model_dtype_device(self.model)[1] != torch.device(device):
             self.model.to(device)  # in place: a refine's optimizer keeps the module's parameters
         self.mode, self.backend, self.check_interval = mode, backend, int(check_interval)
-        self.masses = self._masses(masses)
-        self.cell = None if cell is None else _reduced_box(cell)
+        self.masses = environment.masses if environment is not None else self._masses(masses)
+        box = cell if environment is None else environment.box
+        self.cell = None if box is None else _reduced_box(box)
         box_nm = None if self.cell is None else self.cell / NM_IN_ANGSTROM
+        template = None if environment is None else environment.template(self.model)
+        model_atoms = None if environment is None else environment.model_atoms
+        # what temperatures are measured over: the model's atoms (3N - 3), or OpenMM's count for the mixed System
+        self._degrees_of_freedom = (None if template is None
+                                    else _environment_module().degrees_of_freedom(template))
         self._engine: ReplicaEngine = ENGINES[mode](self.model, self.numbers, self.masses, self.n_replicas, box_nm,
-                                                    self.settings, backend, self.settings.platform, device)
-        # Energies for reports come from their own batched evaluator, whatever the force backend.
-        self._energy_evaluator = ModelCallback(self.model, self.numbers, self.n_replicas,
-                                               periodic=self.cell is not None, device=device,
-                                               on_failure="freeze")
+                                                    self.settings, backend, self.settings.platform, device,
+                                                    template=template, model_atoms=model_atoms)
+        # Energies for reports come from their own batched evaluator, whatever the force backend (with MM
+        # surroundings: from each replica's Context, the MM part included).
+        self._energy_evaluator = None if environment is not None else ModelCallback(
+            self.model, self.numbers, self.n_replicas, periodic=self.cell is not None, device=device,
+            on_failure="freeze")
         self.frozen = np.zeros(self.n_replicas, dtype=bool)
         self.unstable = np.zeros(self.n_replicas, dtype=bool)
         # Step at which each replica was found unstable (-1: never).
@@ -178,7 +210,7 @@ class ReplicaSet:
         self._engine.build(self.frozen)
         if velocities is None:
             velocities = self.maxwell_boltzmann(self.settings.temperature, self.settings.seed)
-        self._write(start, _finite(velocities, (self.n_replicas, self.n_atoms, 3), "velocities"))
+        self._write(start, _finite(velocities, (self.n_replicas, self.n_particles, 3), "velocities"))
 
     @classmethod
     def from_settings(cls, model: nn.Module | ModelFile | str | os.PathLike, numbers: Sequence[int],
@@ -195,6 +227,8 @@ class ReplicaSet:
         if part is not None:
             positions = np.asarray(positions)
             masses = options.get("masses")
+            if options.get("environment") is not None:
+                masses = options["environment"].masses
             masses = cls.standard_masses(numbers) if masses is None else np.asarray(masses, dtype=np.float64)
             options.setdefault("velocities",
                                maxwell_boltzmann(masses, len(positions), md.temperature, md.seed)[part])
@@ -218,7 +252,10 @@ class ReplicaSet:
         positions = np.asarray(positions, dtype=np.float64)
         if positions.ndim == 2:
             positions = np.repeat(positions[None], 1 if n_replicas is None else int(n_replicas), axis=0)
-        if positions.ndim != 3 or positions.shape[1:] != (self.n_atoms, 3):
+        if positions.ndim != 3 or positions.shape[1:] != (self.n_particles, 3):
+            if self.environment is not None:
+                raise ValueError(f"positions must have shape [P, 3] or [R, P, 3] with P = {self.n_particles}, every "
+                                 f"particle of {self.environment.source}, got {positions.shape}")
             raise ValueError(f"positions must have shape [N, 3] or [R, N, 3] with N = {self.n_atoms} atoms, "
                              f"got {positions.shape}")
         if n_replicas is not None and len(positions) != n_replicas:
@@ -249,11 +286,11 @@ class ReplicaSet:
         return ~self.frozen
 
     def positions(self) -> np.ndarray:
-        """[R, N, 3] positions in Å."""
+        """[R, P, 3] positions in Å of every particle (the model's atoms, P = N, without MM surroundings)."""
         return self._engine.read()[0] * NM_IN_ANGSTROM
 
     def velocities(self) -> np.ndarray:
-        """[R, N, 3] velocities in Å/fs (zero for frozen replicas)."""
+        """[R, P, 3] velocities in Å/fs (zero for frozen replicas)."""
         return self._engine.read()[1] / ANGSTROM_PER_FS_IN_NM_PER_PS
 
     def _write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
@@ -265,18 +302,18 @@ class ReplicaSet:
                   replicas: Optional[Iterable[int]] = None) -> None:
         """Set positions (Å) and/or velocities (Å/fs) of ``replicas`` (default: all).
 
-        Arrays are ``[R, N, 3]`` when ``replicas`` is None, else ``[len(replicas), N, 3]``.
+        Arrays are ``[R, P, 3]`` when ``replicas`` is None, else ``[len(replicas), P, 3]``.
         """
         chosen = self._indices(replicas)
         current_positions, current_velocities = self.positions(), self.velocities()
         if positions is not None:
-            current_positions[chosen] = _finite(positions, (len(chosen), self.n_atoms, 3), "positions")
+            current_positions[chosen] = _finite(positions, (len(chosen), self.n_particles, 3), "positions")
         if velocities is not None:
-            current_velocities[chosen] = _finite(velocities, (len(chosen), self.n_atoms, 3), "velocities")
+            current_velocities[chosen] = _finite(velocities, (len(chosen), self.n_particles, 3), "velocities")
         self._write(current_positions, current_velocities)
 
     def maxwell_boltzmann(self, temperature: float, seed: int) -> np.ndarray:
-        """[R, N, 3] velocities (Å/fs) drawn at ``temperature`` K, each replica's centre of mass at rest."""
+        """[R, P, 3] velocities (Å/fs) drawn at ``temperature`` K, each replica's centre of mass at rest."""
         return maxwell_boltzmann(self.masses, self.n_replicas, temperature, seed)
 
     @staticmethod
@@ -294,7 +331,16 @@ class ReplicaSet:
 
     # -- energies ---------------------------------------------------------------------------------------
     def potential_energies(self, positions: Optional[np.ndarray] = None) -> np.ndarray:
-        """[R] potential energy in eV of running replicas (NaN for frozen ones), evaluated as one batch."""
+        """[R] potential energy in eV of running replicas (NaN for frozen ones), evaluated as one batch.
+
+        With MM surroundings: the whole System's (model and MM) of the current state, from each replica's
+        Context; ``positions`` must then be None."""
+        if self.environment is not None:
+            if positions is not None:
+                raise ValueError("with MM surroundings the energies are those of the replicas' current state; "
+                                 "call potential_energies() without positions")
+            energies = self._engine.potential_energies() * KJ_PER_MOL_IN_EV
+            return np.where(self.frozen, np.nan, energies)
         positions = self.positions() if positions is None else positions
         callback = self._energy_evaluator
         callback.active[:] = ~self.frozen
@@ -309,9 +355,12 @@ class ReplicaSet:
         return 0.5 * AMU_ANGSTROM2_PER_FS2_IN_EV * np.einsum("n,rnk,rnk->r", self.masses, velocities, velocities)
 
     def temperatures(self, velocities: Optional[np.ndarray] = None) -> np.ndarray:
-        """[R] internal temperature in K: kinetic energy without the centre-of-mass part over 3N - 3 DOF."""
+        """[R] internal temperature in K: kinetic energy without the centre-of-mass part over 3N - 3 DOF; with MM
+        surroundings, the kinetic energy over OpenMM's count of the System's degrees of freedom."""
         velocities = self.velocities() if velocities is None else velocities
         total = self.kinetic_energies(velocities)
+        if self._degrees_of_freedom is not None:
+            return 2.0 * total / (self._degrees_of_freedom * KB_EV_PER_K)
         if self.n_atoms < 2:
             return 2.0 * total / (3.0 * KB_EV_PER_K)
         com = (velocities * self.masses[None, :, None]).sum(axis=1) / self.masses.sum()
@@ -329,13 +378,19 @@ class ReplicaSet:
             # evaluated with the frozen mask of the moment the frames were taken
             current, self.frozen = self.frozen, frozen
             try:
+                if self.environment is not None:
+                    return self.potential_energies()  # the Contexts' state: reporters do not move replicas
                 return self.potential_energies(positions)
             finally:
                 self.frozen = current
 
+        system_positions = positions
+        if self.environment is not None:
+            model_atoms = self.environment.model_atoms
+            positions, velocities = positions[:, model_atoms], velocities[:, model_atoms]
         return ReplicaFrames(step=self.step, time=self.time, positions=positions, velocities=velocities,
                              potential_energy=potential, kinetic_energy=kinetic, temperature=temperature,
-                             running=~frozen)
+                             running=~frozen, system_positions=system_positions)
 
     # -- freezing ------------------------------------------------------------------------------------
     def freeze(self, replicas: Iterable[int]) -> None:
@@ -363,10 +418,10 @@ class ReplicaSet:
         Maxwell-Boltzmann): all running, no instability recorded, thermostat state fresh (the
         Context is rebuilt), so what follows depends on nothing but the arguments and the seed.
         The clock keeps counting."""
-        positions = _finite(positions, (self.n_replicas, self.n_atoms, 3), "positions")
+        positions = _finite(positions, (self.n_replicas, self.n_particles, 3), "positions")
         if velocities is None:
             velocities = self.maxwell_boltzmann(self.settings.temperature, self.settings.seed + 1 + self.step)
-        velocities = _finite(velocities, (self.n_replicas, self.n_atoms, 3), "velocities")
+        velocities = _finite(velocities, (self.n_replicas, self.n_particles, 3), "velocities")
         self.unstable[:] = False
         self.unstable_step[:] = -1
         self.reasons.clear()
@@ -392,9 +447,9 @@ class ReplicaSet:
         their thermostat variables continue from the present (per-replica mode restores
         them too).
         """
-        if snapshot.positions.shape != (self.n_replicas, self.n_atoms, 3):
+        if snapshot.positions.shape != (self.n_replicas, self.n_particles, 3):
             raise ValueError(f"snapshot holds positions of shape {snapshot.positions.shape}, this set "
-                             f"{(self.n_replicas, self.n_atoms, 3)}")
+                             f"{(self.n_replicas, self.n_particles, 3)}")
         if replicas is None:
             self._engine.load(snapshot.checkpoints, snapshot.frozen, snapshot.build)
             self.frozen = snapshot.frozen.copy()
@@ -562,15 +617,40 @@ class ReplicaSet:
 def maxwell_boltzmann(masses: np.ndarray, n_replicas: int, temperature: float, seed: int) -> np.ndarray:
     """[R, N, 3] velocities (Å/fs) of ``n_replicas`` replicas of atoms of ``masses`` [N] amu drawn at
     ``temperature`` K from ``seed``, each replica's centre of mass at rest. Replica r's draw does not depend
-    on how many replicas follow it, so a block of a larger draw is a valid start for part of the replicas."""
+    on how many replicas follow it, so a block of a larger draw is a valid start for part of the replicas.
+    Massless particles (virtual sites) stay at rest."""
     masses = np.asarray(masses, dtype=np.float64)
     rng = np.random.default_rng(openmm_seed(seed, 7))
-    sigma = np.sqrt(KB_KJ_PER_MOL_K * temperature / masses)[None, :, None]  # nm/ps
+    inverse = np.divide(1.0, masses, out=np.zeros_like(masses), where=masses > 0)
+    sigma = np.sqrt(KB_KJ_PER_MOL_K * temperature * inverse)[None, :, None]  # nm/ps
     velocities = rng.standard_normal((int(n_replicas), len(masses), 3)) * sigma
     if len(masses) > 1:
         com = (velocities * masses[None, :, None]).sum(axis=1, keepdims=True) / masses.sum()
         velocities -= com
     return velocities / ANGSTROM_PER_FS_IN_NM_PER_PS
+
+
+def _environment_module():
+    from openmm_bridge import mm_environment
+
+    return mm_environment
+
+
+def _check_environment(environment, numbers: np.ndarray, cell, masses, mode: str, backend: str) -> None:
+    """What a set with MM surroundings refuses: other atoms than the environment's model atoms, a second box or
+    masses, the batched engine and the TorchForce backend."""
+    if not np.array_equal(numbers, environment.numbers):
+        raise ValueError(f"the model's atoms of {environment.source} are atomic numbers "
+                         f"{environment.numbers.tolist()}, not the {numbers.tolist()} given")
+    if cell is not None or masses is not None:
+        raise ValueError("with MM surroundings the box and the masses are the environment's; pass neither cell nor "
+                         "masses")
+    if mode != "per-replica":
+        raise ValueError(f"a model inside MM surroundings runs with one Context per replica (--mode per-replica), "
+                         f"not {mode!r}: copies in one box would interact")
+    if backend != "python":
+        raise ValueError("a model inside MM surroundings runs as a PythonForce on the model's atoms (--force python);"
+                         " the TorchForce backend computes every particle of its System")
 
 
 def _finite(values: np.ndarray, shape: tuple, name: str) -> np.ndarray:

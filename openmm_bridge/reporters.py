@@ -72,7 +72,7 @@ class TrajectoryReporter(Reporter):
         self.writer = writer
 
     def report(self, replicas: "ReplicaSet", frames: "ReplicaFrames") -> None:
-        self.writer.write(frames.positions, frames.running)
+        self.writer.write(frames.system_positions, frames.running)  # MM surroundings included
 
 
 class VelocityRecorder(Reporter):
@@ -131,10 +131,12 @@ def replica_topology(numbers: Sequence[int], cell: Optional[np.ndarray] = None) 
 
 
 def write_topology(path: str | os.PathLike, numbers: Sequence[int], positions: np.ndarray,
-                   cell: Optional[np.ndarray] = None) -> Path:
-    """PDB file with one replica's atoms at ``positions`` (Å): the topology MDTraj needs for DCD files."""
+                   cell: Optional[np.ndarray] = None, topology: Optional[app.Topology] = None) -> Path:
+    """PDB file with one replica's particles at ``positions`` (Å): the topology MDTraj needs for DCD files;
+    ``topology`` (a replica with MM surroundings: every particle, the user's residues) instead of one
+    residue of ``numbers``."""
     path = Path(path)
-    topology = replica_topology(numbers, cell)
+    topology = replica_topology(numbers, cell) if topology is None else topology
     with open(path, "w") as handle:
         app.PDBFile.writeFile(topology, np.asarray(positions) / NM_IN_ANGSTROM * unit.nanometer, handle)
     return path
@@ -149,6 +151,8 @@ class TrajectoryWriter:
         Output folder (created).
     numbers, cell:
         Atomic numbers and periodic box (Å) of one replica.
+    topology:
+        The Topology of one replica when it is more than ``numbers`` (MM surroundings).
     n_replicas:
         Number of files.
     timestep:
@@ -162,10 +166,11 @@ class TrajectoryWriter:
 
     def __init__(self, directory: str | os.PathLike, numbers: Sequence[int], n_replicas: int, timestep: float,
                  interval: int, cell: Optional[np.ndarray] = None, first_step: int = 0,
-                 append: bool = False, indices: Optional[Sequence[int]] = None) -> None:
+                 append: bool = False, indices: Optional[Sequence[int]] = None,
+                 topology: Optional[app.Topology] = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.topology = replica_topology(numbers, cell)
+        self.topology = replica_topology(numbers, cell) if topology is None else topology
         self.cell = None if cell is None else np.asarray(cell, dtype=np.float64)
         indices = range(n_replicas) if indices is None else indices
         self.paths = [self.directory / dcd_name(r) for r in indices]

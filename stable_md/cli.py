@@ -40,9 +40,9 @@ def _add_md_options(p: argparse.ArgumentParser, defaults: MDSettings, integrator
     p.add_argument("--collision-frequency", type=_positive_float, default=defaults.collision_frequency,
                    help=f"Nosé-Hoover collision frequency, 1/ps (default: {defaults.collision_frequency:g})")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"{seed_help} (default: {defaults.seed})")
-    p.add_argument("--mode", choices=list(MODES), default=defaults.mode,
-                   help="batched: all replicas in one OpenMM Context, the model called once for all (default); "
-                        "per-replica: one Context each")
+    p.add_argument("--mode", choices=list(MODES), default=None,
+                   help=f"batched: all replicas in one OpenMM Context, the model called once for all; per-replica: "
+                        f"one Context each (default: {defaults.mode}; per-replica with --mm-system)")
     p.add_argument("--platform", default=None, choices=list(PLATFORMS),
                    help="OpenMM platform for integration (default: CUDA with a cuda --device, on the same GPU, "
                         "else CPU with one thread; the model runs in torch)")
@@ -77,11 +77,63 @@ def _join_torchrun(args: argparse.Namespace) -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def _md_settings(args: argparse.Namespace) -> MDSettings:
-    """The MDSettings the MD options of ``args`` give."""
+def _md_settings(args: argparse.Namespace, defaults: MDSettings = MDSettings()) -> MDSettings:
+    """The MDSettings the MD options of ``args`` give; without --mode, per-replica in MM surroundings (the only
+    mode they run in), else ``defaults``'."""
+    mode = args.mode
+    if mode is None:
+        mode = "per-replica" if getattr(args, "mm_system", None) else defaults.mode
     return MDSettings(integrator=args.integrator, temperature=args.temperature, timestep=args.timestep,
                       friction=args.friction, collision_frequency=args.collision_frequency, seed=args.seed,
-                      platform=args.platform, mode=args.mode, device=args.device)
+                      platform=args.platform, mode=mode, device=args.device)
+
+
+def _add_environment_options(p: argparse.ArgumentParser, structure: bool) -> None:
+    """--mm-system and --model-atoms (and refine's --structure): the model's atoms inside MM surroundings."""
+    group = p.add_argument_group(
+        "MM surroundings", "run the model on part of a System (a solute in MM water) as OpenMM-ML's "
+                           "createMixedSystem does: the model computes --model-atoms, the MM force field the rest "
+                           "and the coupling between them (mechanical embedding); one Context per replica")
+    if structure:
+        group.add_argument("--structure", default=None,
+                           help="with --mm-system: PDB or PDBx/mmCIF file of every particle (an equilibrated "
+                                "solvated molecule); every replica starts there")
+    group.add_argument("--mm-system", default=None,
+                       help="OpenMM System XML of every particle of --structure, modelled entirely by an MM force "
+                            "field (XmlSerializer.serialize(forcefield.createSystem(topology, ...))); no barostat")
+    group.add_argument("--model-atoms", default=None,
+                       help="the atoms the model computes: resname:NAME (every atom of the residues named NAME) or "
+                            "0-based indices and inclusive ranges, e.g. 0-8; whole molecules, in the data's atom "
+                            "order")
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """0-8,20: indices as the inclusive ranges --model-atoms takes."""
+    parts, start = [], None
+    ordered = [int(i) for i in indices]
+    for k, index in enumerate(ordered):
+        if start is None:
+            start = index
+        if k + 1 == len(ordered) or ordered[k + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts)
+
+
+def _environment(args: argparse.Namespace):
+    """The MMEnvironment the options name, or None; the options that need each other are checked here."""
+    given = {"--mm-system": args.mm_system, "--model-atoms": args.model_atoms}
+    if not any(given.values()):
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if args.structure is None:
+        missing.append("--structure")
+    if missing:
+        raise ValueError(f"MM surroundings need --structure, --mm-system and --model-atoms together; missing "
+                         f"{', '.join(missing)}")
+    from openmm_bridge.mm_environment import MMEnvironment
+
+    return MMEnvironment.from_files(args.structure, args.mm_system, args.model_atoms)
 
 
 def _add_run_options(p: argparse.ArgumentParser, overwrite_help: str, resume_help: str) -> None:
@@ -315,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="python: openmm.PythonForce (default); torch: openmmtorch.TorchForce")
     p.add_argument("--energy-key", default="energy", help="energy key for --data extended XYZ")
     p.add_argument("--forces-key", default="forces", help="forces key for --data extended XYZ")
+    _add_environment_options(p, structure=False)
     _add_run_options(p, "replace an earlier run in the output directory",
                      "continue an interrupted run from its checkpoint")
     p.set_defaults(func=_simulate)
@@ -402,6 +455,7 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--holdout-fraction", type=_fraction_below_one, default=0.1,
                    help="with --train-frames auto and a model not pretrained on --data: fraction of the frames "
                         "held out (random, --seed) for the before/after error report (default: 0.1)")
+    _add_environment_options(p, structure=True)
     _add_run_options(p, "replace an earlier output and run directory",
                      "continue an interrupted run from its checkpoint")
     p.set_defaults(func=_refine)
@@ -627,22 +681,33 @@ def _simulate(args: argparse.Namespace) -> int:
     total_time = parse_time_fs(args.time)
     if total_time < args.timestep:
         raise ValueError(f"--time {args.time} is shorter than one --timestep ({args.timestep} fs)")
-    numbers, starts, cell, source, reference = starting_frames(
-        structure=args.structure, data=args.data, n_replicas=args.replicas,
-        energy_key=args.energy_key, forces_key=args.forces_key)
+    environment = _environment(args)
+    if environment is not None:
+        import numpy as np
+
+        numbers, cell, reference = environment.numbers, None, None
+        starts = np.repeat(environment.positions[None], args.replicas, axis=0)
+        source = (f"{args.structure} ({environment.n_particles} particles; the model computes "
+                  f"{len(numbers)} of them, {args.mm_system} the rest)")
+    else:
+        numbers, starts, cell, source, reference = starting_frames(
+            structure=args.structure, data=args.data, n_replicas=args.replicas,
+            energy_key=args.energy_key, forces_key=args.forces_key)
     settings = SimulationSettings(
         model=str(Path(args.model).resolve()), n_replicas=args.replicas, numbers=[int(z) for z in numbers],
         md=_md_settings(args), total_time=total_time, frame_interval=args.check_every, backend=args.force,
         periodic=cell is not None, stability=args.stability, bond_threshold=args.threshold)
     print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
           f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
-          f"{total_time / 1000:g} ps ({settings.n_steps} steps), {args.mode} on {settings.md.platform}, model on "
+          f"{total_time / 1000:g} ps ({settings.n_steps} steps), {settings.md.mode} on {settings.md.platform}, "
+          f"model on "
           f"{args.device}"
           + ("" if args.nproc == 1 else f", over {args.nproc} processes"))
     summary = run_simulation(settings, starts, args.output, cell=cell, overwrite=args.overwrite,
                              resume=args.resume, progress=not args.no_progress,
                              # a structure alone: the model file's stored bonds, or the structure's (run_simulation)
-                             reference_positions=reference if args.data else None, nproc=args.nproc)
+                             reference_positions=reference if args.data else None, nproc=args.nproc,
+                             environment=environment)
     if summary is None:  # a torchrun rank other than 0
         return 0
     rate = summary["replica_steps_per_second"]
@@ -687,9 +752,16 @@ def _refine(args: argparse.Namespace) -> int:
     print(f"stable-md refine: {model} on {args.data}; observables {', '.join(observables)}; "
           f"{settings.criterion} criterion at {settings.threshold:g} Å; {settings.n_replicas} replicas{ranks} at "
           f"{settings.md.temperature:g} K, t = {settings.steps_per_epoch} steps of {settings.md.timestep:g} fs")
+    environment = _environment(args)
+    if environment is None and args.structure is not None:
+        raise ValueError("refine starts from the frames of --data; --structure is for MM surroundings, with "
+                         "--mm-system and --model-atoms")
+    if environment is not None:
+        print(f"in MM surroundings: {environment.source}; the model computes atoms "
+              f"{_ranges(environment.model_atoms)} of {environment.n_particles}")
     result = refine(model, args.data, output, settings, run_directory=args.run_dir, overwrite=args.overwrite,
                     resume=args.resume, progress=not args.no_progress,
-                    announce=lambda line: print(line, flush=True), nproc=args.nproc)
+                    announce=lambda line: print(line, flush=True), nproc=args.nproc, environment=environment)
     if not result.summary:  # a torchrun rank other than 0
         return 0
     summary = result.summary

@@ -24,13 +24,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record
+from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record, same_environment
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.devices import check_device, this_rank_device
@@ -44,6 +44,9 @@ from stable_md.potentials.base import check_finite_predictions
 from stable_md.pretrain import DatasetTensors, EnergyForceLoss, prediction_errors, refit_energy_shifts
 from stable_md.stability import CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.structures import spread_indices
+
+if TYPE_CHECKING:
+    from openmm_bridge.mm_environment import MMEnvironment
 
 LOG_NAME = "log.jsonl"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -253,7 +256,8 @@ def default_run_directory(output: Path) -> Path:
 def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: str | Path,
            settings: Optional[RefineSettings] = None, run_directory: Optional[str | Path] = None,
            overwrite: bool = False, resume: bool = False, progress: bool = True,
-           announce: Optional[Callable[[str], None]] = None, nproc: int = 1) -> RefineResult:
+           announce: Optional[Callable[[str], None]] = None, nproc: int = 1,
+           environment: Optional["MMEnvironment"] = None) -> RefineResult:
     """Run StABlE training of ``model`` on ``data`` and write the refined model to ``output``.
 
     Parameters
@@ -278,6 +282,11 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
         minibatch, and the sums are shared. A resumed run needs the nproc it was started with.
         Under torchrun (``torchrun -m stable_md.cli refine ...``) the ranks are torchrun's and
         ``nproc`` stays 1.
+    environment:
+        MM surroundings (:class:`openmm_bridge.mm_environment.MMEnvironment`, e.g. the molecule in MM water)
+        in which the replicas run, one Context each (``settings.md.mode`` ``per-replica``), all starting from
+        the environment's positions. The model's atoms must be the data's atoms in the data's order; the
+        observables, the criterion and the estimator see them alone, and the regularizer is the data's as ever.
     """
     from stable_md.distributed import check_ranks, current_group, launch
 
@@ -292,9 +301,10 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
     group.barrier()
     arguments = (model, data, output, directory, settings, resume, progress, announce is not None)
     if nproc == 1:
-        return _refine_on_this_rank(*arguments, announce=announce)
+        return _refine_on_this_rank(*arguments, announce=announce, environment=environment)
     # a launched rank loads the model file itself
-    arguments = (model.path if isinstance(model, ModelFile) else model,) + arguments[1:] + (None, True)
+    arguments = (model.path if isinstance(model, ModelFile) else model,) + arguments[1:] + (None, True,
+                                                                                          environment)
     outcome = launch(nproc, _refine_on_this_rank, arguments)
     return RefineResult(model=load_model(output).module, history=outcome["history"], summary=outcome["summary"],
                         output=output)
@@ -302,14 +312,16 @@ def refine(model: str | Path | ModelFile, data: str | Path | Dataset, output: st
 
 def _refine_on_this_rank(model, data, output: Path, directory: Path, settings: RefineSettings, resume: bool,
                          progress: bool, announcing: bool, announce: Optional[Callable[[str], None]] = None,
-                         launched: bool = False) -> RefineResult | dict:
+                         launched: bool = False, environment: Optional["MMEnvironment"] = None
+                         ) -> RefineResult | dict:
     """One rank's part of a refine run (the whole run with one process). A rank :func:`launch` started returns
     the history and summary (rank 0; the model is in the output file); the CLI's ``announce`` cannot cross
     processes, so such a rank prints the line itself."""
     from stable_md.distributed import current_group
 
     group = current_group()
-    run = _Refinement(model, data, output, directory, settings, resume, progress and group.main, group)
+    run = _Refinement(model, data, output, directory, settings, resume, progress and group.main, group,
+                      environment=environment)
     if announcing and group.main:
         (announce or (lambda line: print(line, flush=True)))(f"frames: {run.frames_note}")
     result = run.execute()
@@ -334,10 +346,11 @@ class _Refinement:
     """One refine run: the replicas, the optimizer and the loop state, checkpointed every epoch."""
 
     def __init__(self, model, data, output: Path, directory: Path, settings: RefineSettings, resume: bool,
-                 progress: bool, group=None) -> None:
+                 progress: bool, group=None, environment: Optional["MMEnvironment"] = None) -> None:
         from stable_md.distributed import SINGLE
 
         self.settings, self.output, self.directory, self.progress = settings, output, directory, progress
+        self.environment = environment
         # this process's share of the replicas; the numbers that steer the run are sums over all ranks
         self.group = SINGLE if group is None else group
         # the user's --device, made this rank's own GPU under several ranks (settings.json keeps the user's)
@@ -353,8 +366,8 @@ class _Refinement:
         self.criterion = self._criterion()
         self.starts = self._starting_frames()
         # a model that is NaN on its own starts would run no MD and write a NaN model
-        check_finite_predictions(self.model, self.starts, self.train.numbers, self.cell,
-                                 f"refine {self.model_file.path}: on the starting frames of {self.data.source}")
+        check_finite_predictions(self.model, self._model_atoms(self.starts), self.train.numbers, self.cell,
+                                 f"refine {self.model_file.path}: on the starting frames of {self.starts_source}")
         self._build_optimizer()
         # only built when used: with qm_weight = 0 both inner weights may be 0, which the loss refuses
         self.qm_loss = (EnergyForceLoss(settings.energy_weight, settings.force_weight) if settings.qm_weight > 0
@@ -452,13 +465,41 @@ class _Refinement:
         return make_criterion(self.settings.criterion, CriterionInputs(self.bonds, self.cell), self.settings.threshold,
                               "training")
 
+    def _model_atoms(self, positions: np.ndarray) -> np.ndarray:
+        """[..., N, 3] the model's atoms of replica positions [..., P, 3] (the same array without surroundings)."""
+        return positions if self.environment is None else positions[..., self.environment.model_atoms, :]
+
     def _starting_frames(self) -> np.ndarray:
-        """R training frames spread over the set, skipping frames the criterion already rejects."""
+        """R training frames spread over the set, skipping frames the criterion already rejects; with MM
+        surroundings, the environment's positions for every replica."""
+        if self.environment is not None:
+            return self._environment_starts()
+        self.starts_source = self.data.source
         acceptable = np.flatnonzero(~self.criterion(self.train.positions))
         if len(acceptable) == 0:
             raise ValueError(f"every training frame of {self.data.source} already fails the {self.settings.criterion}"
                              f" criterion at threshold {self.settings.threshold} Å; raise --threshold")
         return self.train.positions[acceptable[spread_indices(len(acceptable), self.settings.n_replicas)]]
+
+    def _environment_starts(self) -> np.ndarray:
+        environment, s = self.environment, self.settings
+        self.starts_source = environment.source
+        if not np.array_equal(environment.numbers, self.train.numbers):
+            raise RefineError(f"the model atoms of {environment.source} are atomic numbers "
+                              f"{environment.numbers.tolist()}; {self.data.source} holds {self.train.numbers.tolist()}"
+                              f": select the data's molecule, its atoms in the data's order (--model-atoms)")
+        if self.cell is not None:
+            raise RefineError(f"{self.data.source} is periodic: MM surroundings are for a molecule's data (the "
+                              f"solute's frames); a periodic box runs without --mm-system")
+        if s.md.mode != "per-replica":
+            raise RefineError(f"with MM surroundings the replicas run one Context each: mode 'per-replica' "
+                              f"(--mode per-replica), not {s.md.mode!r}")
+        start = environment.positions[None]
+        if self.criterion(start[:, environment.model_atoms])[0]:
+            raise RefineError(f"the model's atoms of {environment.source} already fail the {s.criterion} criterion "
+                              f"at threshold {s.threshold} Å against the bonds of {self.data.source}; start from "
+                              f"an equilibrated structure of this molecule")
+        return np.repeat(start, s.n_replicas, axis=0)
 
     def _build_optimizer(self) -> None:
         s = self.settings
@@ -477,23 +518,29 @@ class _Refinement:
         return ReplicaSet.from_settings(self.model, self.train.numbers, self.starts,
                                         s.md.with_changes(device=self.device),
                                         part=self.group.block(s.n_replicas), stream=self.group.rank, cell=self.cell,
-                                        check_interval=min(50, s.check_every, s.sample_every))
+                                        check_interval=min(50, s.check_every, s.sample_every),
+                                        environment=self.environment)
 
     def _unstable_count(self) -> int:
         """Unstable replicas over all ranks."""
         return int(self.group.sum(int(self.replicas.unstable.sum())))
 
     def _record(self) -> dict:
-        return {"model": str(Path(self.model_file.path).resolve()),
-                "model_sha256": file_sha256(self.model_file.path), **data_record(self.data),
-                "output": str(self.output.resolve()), "train_frames": self.frames_note,
-                "settings": flat_record(self.settings)}
+        record = {"model": str(Path(self.model_file.path).resolve()),
+                  "model_sha256": file_sha256(self.model_file.path), **data_record(self.data),
+                  "output": str(self.output.resolve()), "train_frames": self.frames_note,
+                  "settings": flat_record(self.settings)}
+        if self.environment is not None:
+            record["settings"]["environment"] = self.environment.record()
+        return record
 
     def _check_same_run(self, record: dict) -> None:
         saved = json.loads((self.directory / SETTINGS_NAME).read_text())
         old = {k: v for k, v in saved["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
         new = {k: v for k, v in record["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
-        different = [k for k in new if old.get(k, RECORDED_BEFORE.get(k)) != new[k]]
+        different = [k for k in new if k != "environment" and old.get(k, RECORDED_BEFORE.get(k)) != new[k]]
+        if not same_environment(old.get("environment"), new.get("environment")):
+            different.append("environment (the MM surroundings: --structure, --mm-system, --model-atoms)")
         if "platform" in different:
             saved_platform = old.get("platform", RECORDED_BEFORE["platform"])
             different[different.index("platform")] = (
@@ -950,6 +997,7 @@ class _Refinement:
         summary["figures"] = [str(p) for p in figures]
         write_json(self.directory / SUMMARY_NAME, summary)
         entry = {"stage": "refine", **data_record(self.data), "train_frames": self.frames_note,
+                 **({} if self.environment is None else {"environment": self.environment.record()}),
                  "train_indices": self.train.indices.tolist(),
                  "test_indices": [] if self.test is None else self.test.indices.tolist(),
                  "settings": flat_record(s), "summary": {k: v for k, v in summary.items() if k != "figures"},

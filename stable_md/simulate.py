@@ -13,11 +13,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record
+from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record, same_environment
 from openmm_bridge.replicas import ReplicaSet, snapshot_from_arrays, snapshot_to_arrays
 from openmm_bridge.reporters import (STATE_LOG_NAME, TOPOLOGY_NAME, Reporter, StateLog, TrajectoryReporter,
                                      TrajectoryWriter, dcd_name, replica_status, truncate_dcd, truncate_state_log,
@@ -31,6 +31,9 @@ from stable_md.files import RunLayout, atomic_write, file_sha256, read_checkpoin
 from stable_md.potentials.model_file import read_metadata
 from stable_md.stability import CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.units import PS_IN_FS
+
+if TYPE_CHECKING:
+    from openmm_bridge.mm_environment import MMEnvironment
 
 SETTINGS_NAME = "settings.json"
 SUMMARY_NAME = "summary.json"
@@ -57,6 +60,7 @@ class SimulationSettings:
     periodic: bool = False
     stability: str = "bond"
     bond_threshold: float = default_threshold("bond")
+    environment: Optional[dict] = None  # MMEnvironment.record() of MM surroundings, set by run_simulation
 
     def __post_init__(self) -> None:
         if isinstance(self.md, dict):
@@ -81,8 +85,14 @@ def clear_directory(directory: Path) -> None:
 
 def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: str | os.PathLike,
                    cell: Optional[np.ndarray] = None, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, reference_positions: Optional[np.ndarray] = None, nproc: int = 1) -> dict:
+                   progress: bool = True, reference_positions: Optional[np.ndarray] = None, nproc: int = 1,
+                   environment: Optional["MMEnvironment"] = None) -> dict:
     """Run the replicas from ``starts`` [R, N, 3] Å and write the run directory; returns the summary.
+
+    ``environment``: MM surroundings of the model's atoms (:class:`openmm_bridge.mm_environment.MMEnvironment`;
+    ``settings.numbers`` are its model atoms, ``starts`` [R, P, 3] every particle, ``cell`` None, the mode
+    per-replica). Trajectories and ``topology.pdb`` then hold every particle; the criterion judges the model's
+    atoms; the state log's potential energy is the whole System's.
 
     With ``settings.stability == "bond"``, bonds and their reference lengths come from
     ``reference_positions`` [F, N, 3] Å (default: those the model file stores when its atoms are
@@ -110,11 +120,17 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
         warn_if_other_structures(metadata, settings.numbers, cell is not None, settings.model,
                                  "the starting structures")
     check_finite_positions(starts, "simulate: starting structures")
+    if environment is not None:
+        if cell is not None or reference_positions is not None:
+            raise ValueError("with MM surroundings the box is the environment's and the bonds are the model "
+                             "file's or the structure's: pass neither cell nor reference_positions")
+        settings.environment = environment.record()
     RUN_LAYOUT.prepare(directory, overwrite, resume)  # refuses to clobber an earlier run; touches nothing
     record = {**flat_record(settings), "model_sha256": file_sha256(settings.model)}
     if resume and group.main:
         _check_same_run(directory, record)
-    arguments = (settings, np.asarray(starts), directory, cell, resume, progress, reference_positions, record)
+    arguments = (settings, np.asarray(starts), directory, cell, resume, progress, reference_positions, record,
+                 environment)
     if nproc == 1:
         return _simulate_on_this_rank(*arguments)
     return launch(nproc, _simulate_on_this_rank, arguments)
@@ -122,11 +138,14 @@ def run_simulation(settings: SimulationSettings, starts: np.ndarray, directory: 
 
 def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, directory: Path,
                            cell: Optional[np.ndarray], resume: bool, progress: bool,
-                           reference_positions: Optional[np.ndarray], record: dict) -> Optional[dict]:
+                           reference_positions: Optional[np.ndarray], record: dict,
+                           environment: Optional["MMEnvironment"] = None) -> Optional[dict]:
     """This process's replicas of the run (all of them with one process); rank 0 returns the summary."""
     from stable_md.distributed import current_group
 
     group = current_group()
+    # what the criterion judges: the model's atoms of each start (every particle without MM surroundings)
+    model_starts = starts if environment is None else starts[:, environment.model_atoms]
     criterion, reference_note = None, None
     if settings.stability == "bond" and reference_positions is not None:
         criterion = make_criterion("bond", CriterionInputs(detect_bonds(np.asarray(settings.numbers),
@@ -135,7 +154,7 @@ def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, dir
         reference_note = "bonds of the data file's frames"
     elif settings.stability == "bond":
         # a structure alone: the bonds the model file stores (its training frames') when its atoms are these
-        guard = StabilityGuard.from_model(settings.model, settings.numbers, starts, cell, "bond",
+        guard = StabilityGuard.from_model(settings.model, settings.numbers, model_starts, cell, "bond",
                                           settings.bond_threshold)
         criterion, reference_note = guard.criterion, guard.note
     mine = group.block(settings.n_replicas)
@@ -144,12 +163,13 @@ def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, dir
     # before the run directory is touched.
     replicas = ReplicaSet.from_settings(settings.model, settings.numbers, starts, md, part=mine, stream=group.rank,
                                         cell=cell, backend=settings.backend,
-                                        check_interval=min(settings.frame_interval, 50))
+                                        check_interval=min(settings.frame_interval, 50), environment=environment)
     group.barrier()
     if not resume and group.main:
         clear_directory(directory)
         write_json(directory / SETTINGS_NAME, record)
-        write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], cell)
+        write_topology(directory / TOPOLOGY_NAME, settings.numbers, starts[0], replicas.cell,
+                       topology=None if environment is None else environment.topology)
     saved = None
     if resume:
         saved = group.broadcast(_load_checkpoint(directory / CHECKPOINT_NAME) if group.main else None)
@@ -165,7 +185,8 @@ def _simulate_on_this_rank(settings: SimulationSettings, starts: np.ndarray, dir
             truncate_state_log(directory / STATE_LOG_NAME, replicas.step)
     group.barrier()
     trajectories = TrajectoryWriter(directory, settings.numbers, len(mine), md.timestep, settings.frame_interval,
-                                    cell=cell, append=resume, indices=mine)
+                                    cell=replicas.cell, append=resume, indices=mine,
+                                    topology=None if environment is None else environment.topology)
     state_log = StateLog(directory / STATE_LOG_NAME, append=resume) if group.main else None
     every = settings.frame_interval
     # A frame is written while its replica runs, then judged; the log shows the verdict; the checkpoint
@@ -331,6 +352,8 @@ def _check_same_run(directory: Path, record: dict) -> None:
     saved = {**RECORDED_BEFORE, **saved}
     different = [key for key in keys if saved.get(key) != record.get(key)]
     details = [f"{key}: run has {saved.get(key)!r}, now {record.get(key)!r}" for key in different]
+    if not same_environment(saved.get("environment"), record.get("environment")):
+        details.append("the MM surroundings (--structure, --mm-system, --model-atoms) differ from the run's")
     if "platform" in different:  # OpenMM loads a checkpoint only on the platform that wrote it
         details[different.index("platform")] += f" (pass --platform {saved['platform']})"
     if "model_sha256" in saved and saved["model_sha256"] != record["model_sha256"]:

@@ -217,6 +217,25 @@ def test_bad_input_is_named(pretrained_model, ethanol_topology, tmp_path):
         potential.createMixedSystem(molecule_topology(ethanol_numbers, []), openmm.System(), [0, 12])
 
 
+def test_a_model_already_loaded_gives_the_files_energies(pretrained_model, ethanol, ethanol_topology):
+    """model= (a ModelFile or its module, e.g. one being refined) instead of modelPath=."""
+    from stable_md.potentials.model_file import load_model
+
+    positions = ethanol.positions[7] * 0.1
+    expected = _energy_forces(MLPotential("stable-md", modelPath=str(pretrained_model)).createSystem(
+        ethanol_topology), positions)
+    loaded = load_model(pretrained_model)
+    for model in (loaded, loaded.module):
+        energy, forces = _energy_forces(MLPotential("stable-md", model=model).createSystem(ethanol_topology),
+                                        positions)
+        assert energy == pytest.approx(expected[0], abs=1e-6)
+        np.testing.assert_allclose(forces, expected[1], atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        MLPotential("stable-md", modelPath=str(pretrained_model), model=loaded)
+    with pytest.raises(ValueError, match="a loaded model runs in its own precision"):
+        MLPotential("stable-md", model=loaded).createSystem(ethanol_topology, precision="double")
+
+
 def test_double_precision_is_a_float64_copy_of_the_model(pretrained_model, ethanol, ethanol_topology):
     system = MLPotential("stable-md", modelPath=str(pretrained_model)).createSystem(ethanol_topology,
                                                                                      precision="double")
