@@ -397,7 +397,17 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (default: <output stem>.refine/)")
     p.add_argument("--obs", action="append", choices=sorted(OBSERVABLES), default=None,
                    help="observable to match, repeatable: " + "; ".join(f"{k}: {v.description}" for k, v in OBSERVABLES.items())
-                        + " (default: hr)")
+                        + " (default: hr; local-bonds with --estimator local)")
+    p.add_argument("--estimator", choices=["global", "local"], default="global",
+                   help="global (default): the Boltzmann estimator over whole frames; local: the localized estimator "
+                        "(the paper's for water): every molecule of every sample is a neighbourhood with its own "
+                        "energy and observable, and a balanced selection of them (--local-bins, --local-per-bin) "
+                        "gives the gradient, so that a few distorted molecules in a liquid are not averaged away")
+    p.add_argument("--local-bins", type=_positive_int, default=100,
+                   help="with --estimator local: bins of the neighbourhoods' deviation from the reference "
+                        "(default: 100, as the paper)")
+    p.add_argument("--local-per-bin", type=_positive_int, default=5,
+                   help="with --estimator local: neighbourhoods drawn from each bin (default: 5, as the paper)")
     p.add_argument("--obs-weight", type=_observable_weight, action="append", default=None,
                    help="weight of each --obs, in the same order, or auto (default): calibrated at the first "
                         "learning epoch and raised on later ones so that the observables hold at least "
@@ -733,9 +743,10 @@ def _refine(args: argparse.Namespace) -> int:
         raise ValueError("--overwrite and --resume exclude each other")
     model = Path(args.model)
     output = Path(args.output) if args.output else model.with_name(model.stem + ".stable.pt")
-    observables = args.obs or ["hr"]
+    observables = args.obs
     settings = RefineSettings(
-        observables=observables, observable_weights=args.obs_weight or ["auto"],
+        observables=observables, observable_weights=args.obs_weight or ["auto"], estimator=args.estimator,
+        local_bins=args.local_bins, local_per_bin=args.local_per_bin,
         observable_share=args.obs_share, holdout_fraction=args.holdout_fraction, criterion=args.criterion,
         threshold=args.threshold, n_replicas=args.replicas, md=_md_settings(args),
         steps_per_epoch=args.steps_per_epoch, sample_every=args.sample_every, check_every=args.check_every,
@@ -749,7 +760,8 @@ def _refine(args: argparse.Namespace) -> int:
         max_wall_time=None if args.max_time is None else 60.0 * args.max_time,
         train_frames=args.train_frames)
     ranks = "" if args.nproc == 1 else f" over {args.nproc} processes"
-    print(f"stable-md refine: {model} on {args.data}; observables {', '.join(observables)}; "
+    print(f"stable-md refine: {model} on {args.data}; observables {', '.join(settings.observables)} "
+          f"({settings.estimator} estimator); "
           f"{settings.criterion} criterion at {settings.threshold:g} Å; {settings.n_replicas} replicas{ranks} at "
           f"{settings.md.temperature:g} K, t = {settings.steps_per_epoch} steps of {settings.md.timestep:g} fs")
     environment = _environment(args)

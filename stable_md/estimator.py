@@ -168,8 +168,11 @@ def boltzmann_gradient(model: nn.Module, positions, numbers, terms: Sequence[Obs
 
 def localized_boltzmann_gradient(model: nn.Module, positions, numbers, local_values, membership, reference,
                                  temperature: float, cells=None, selection=None,
-                                 batch_size: int = DEFAULT_BATCH_SIZE) -> EstimatorResult:
+                                 batch_size: int = DEFAULT_BATCH_SIZE, weight: float = 1.0,
+                                 reduce: Optional[Callable[[Tensor], Tensor]] = None) -> EstimatorResult:
     """The localized estimator (eq. 8): neighbourhood energies Σ_{n∈m} ε_n and local observables.
+
+    Accumulates ∇θ of ``weight`` ||ĝ − g_ref||² into ``.grad``, ĝ the mean over the chosen local samples.
 
     Parameters
     ----------
@@ -182,6 +185,8 @@ def localized_boltzmann_gradient(model: nn.Module, positions, numbers, local_val
     selection:
         Optional ``[F, M]`` bool: the local samples to use (e.g. from :func:`balanced_selection`);
         default all F × M.
+    reduce:
+        Sums a tensor over the processes that hold the other samples, as in :func:`boltzmann_gradient`.
     """
     positions, cells = _frames(positions, cells)
     numbers = torch.as_tensor(np.asarray(numbers), dtype=torch.long)
@@ -196,12 +201,12 @@ def localized_boltzmann_gradient(model: nn.Module, positions, numbers, local_val
               else torch.as_tensor(np.asarray(selection), dtype=torch.bool))
     if chosen.shape != values.shape[:2]:
         raise ValueError(f"selection must be [F, M] = {tuple(values.shape[:2])}, got {tuple(chosen.shape)}")
-    weights, loss, mean = boltzmann_weights(values[chosen], reference, temperature)
+    weights, loss, mean = boltzmann_weights(values[chosen], reference, temperature, reduce)
     local_weights = torch.zeros(values.shape[:2], dtype=torch.float64)
-    local_weights[chosen] = weights
+    local_weights[chosen] = weight * weights
     atom_weights = local_weights @ member  # [F, N]
     weighted_energy_backward(model, positions, numbers, cells, atom_weights, batch_size)
-    return EstimatorResult(loss=loss, losses={"local": loss}, means={"local": mean.numpy()},
+    return EstimatorResult(loss=weight * loss, losses={"local": loss}, means={"local": mean.numpy()},
                            n_samples=int(chosen.sum()), weights=local_weights.numpy())
 
 
@@ -213,7 +218,12 @@ def balanced_selection(deviation, n_bins: int = 100, per_bin: int = 5,
     """
     deviation = np.asarray(deviation, dtype=np.float64)
     rng = np.random.default_rng(0) if rng is None else rng
+    if n_bins < 1 or per_bin < 1:
+        raise ValueError(f"balanced selection needs at least one bin and one sample per bin, got n_bins={n_bins}, "
+                         f"per_bin={per_bin}")
     flat = deviation.reshape(-1)
+    if flat.size == 0:
+        return np.zeros(deviation.shape, dtype=bool)
     edges = np.linspace(flat.min(), flat.max(), n_bins + 1)
     bins = np.clip(np.searchsorted(edges, flat, side="right") - 1, 0, n_bins - 1)
     chosen = np.zeros(flat.shape, dtype=bool)

@@ -11,6 +11,8 @@ instead of hard histograms), although the Boltzmann estimator never needs that.
 - :class:`ElementRDF` — element-resolved radial distribution functions of a periodic box.
 - :class:`BondLengths` — per bond, or the mean per bond type (e.g. mean O-H), Å.
 - :class:`MinIntermolecularDistance` — the closest approach of atoms in different molecules, Å.
+- :class:`LocalBondLengths` — per molecule, the mean length of each bond type, ``[F, M, K]`` Å: a
+  :class:`LocalObservable` of neighbourhoods, for the localized estimator (water: O-H per molecule).
 
 Dynamical observables for evaluation work on numpy trajectories:
 :func:`velocity_autocorrelation`, :func:`mean_squared_displacement`, :func:`diffusion_coefficient`.
@@ -110,6 +112,8 @@ class Observable:
     description: str = ""
     #: a curve over distance bins (h(r), RDF): evaluate compares such curves
     binned: bool = False
+    #: an observable of each neighbourhood, [F, M, K] (:class:`LocalObservable`), for the localized estimator
+    local: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -362,6 +366,107 @@ class MinIntermolecularDistance(Observable):
         frames = _as_frames(positions)
         distances = pair_vectors(frames, self.pairs, _as_cells(cell, frames.shape[0])).norm(dim=-1)
         return distances.min(dim=1, keepdim=True).values
+
+
+class LocalObservable(Observable):
+    """An observable of every neighbourhood of a frame, ``[F, M, K]``: what the localized estimator learns from.
+
+    A neighbourhood is a set of atoms (here a molecule: a connected component of the bond graph); its
+    energy is the sum of those atoms' energies. The reference ``[K]`` is the mean over the data's frames
+    and neighbourhoods, so every neighbourhood must be alike (a liquid of one species).
+    """
+
+    local = True
+    #: [M, N] bool: the atoms of each neighbourhood
+    membership: np.ndarray
+
+    def reference(self, data: Dataset, weights: Optional[np.ndarray] = None) -> Tensor:
+        """g_ref ``[K]``: the mean over the data's frames (optionally weighted) and neighbourhoods."""
+        values = self(data.positions, data.cells).mean(dim=1)  # [F, K]
+        if weights is None:
+            return values.mean(dim=0)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (values.shape[0],):
+            raise ValueError(f"need one weight per data frame ({values.shape[0]}), got {tuple(weights.shape)}")
+        return (weights[:, None] * values).sum(dim=0) / weights.sum()
+
+    @staticmethod
+    def pooled(values: Tensor) -> Tensor:
+        """``[F, K]``: the mean over the neighbourhoods of ``values [F, M, K]`` (what logs and plots show)."""
+        return values.mean(dim=1)
+
+    @staticmethod
+    def deviation(values: Tensor, reference: Tensor) -> Tensor:
+        """``[F, M]``: how far each neighbourhood is from the reference (the norm over K), for the balanced
+        selection of local samples."""
+        return (values - reference).norm(dim=-1)
+
+
+class LocalBondLengths(LocalObservable):
+    """Per molecule, the mean length of each of its bond types (Å), ``[F, M, K]``: water's O-H bond length.
+
+    Molecules are the connected components of the bond graph; each must have the same bond types (K of
+    them, e.g. ``O-H``); minimum image in a box.
+    """
+
+    name = "local-bonds"
+    description = "per molecule, the mean length of each bond type (localized estimator; water: O-H)"
+    x_label = "bond type"
+    y_label = "bond length (Å)"
+
+    @classmethod
+    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "LocalBondLengths":
+        return cls(_bonds_of(data, bonds))
+
+    def __init__(self, bonds: BondGraph) -> None:
+        from stable_md.stability import molecules_of
+
+        if len(bonds.pairs) == 0:
+            raise ValueError("local bond lengths need bonds; none was detected in the reference frames")
+        molecules = molecules_of(bonds)
+        molecule_of = np.empty(len(bonds.numbers), dtype=np.int64)
+        for k, members in enumerate(molecules):
+            molecule_of[members] = k
+        types = [_bond_type(bonds.numbers, i, j) for i, j in bonds.pairs]
+        self.labels = sorted(set(types))
+        per_molecule = [sorted({t for t, (i, _) in zip(types, bonds.pairs) if molecule_of[i] == k})
+                        for k in range(len(molecules))]
+        for k, kinds in enumerate(per_molecule):
+            if kinds != self.labels:
+                atom = int(molecules[k][0])
+                raise ValueError(f"local bond lengths need molecules that are alike: molecule {k} (atoms from "
+                                 f"{atom + 1}, {chemical_symbols[bonds.numbers[atom]]}) has bond types "
+                                 f"{kinds or 'none'}, the others {self.labels}")
+        self.bonds = bonds
+        self.pairs = torch.as_tensor(bonds.pairs)
+        n_molecules, n_types = len(molecules), len(self.labels)
+        # [B] -> one (molecule, type) slot; the mean over each slot's bonds
+        slot = torch.as_tensor([molecule_of[i] * n_types + self.labels.index(t)
+                                for t, (i, _) in zip(types, bonds.pairs)])
+        counts = torch.zeros(n_molecules * n_types, dtype=torch.float64).index_add_(
+            0, slot, torch.ones(len(slot), dtype=torch.float64))
+        self._slot, self._counts = slot, counts
+        self.n_molecules, self.n_types = n_molecules, n_types
+        self.membership = np.zeros((n_molecules, len(bonds.numbers)), dtype=bool)
+        for k, members in enumerate(molecules):
+            self.membership[k, members] = True
+        self.x = np.arange(n_types)
+        self.categories = list(self.labels)
+
+    def __call__(self, positions, cell=None) -> Tensor:
+        frames = _as_frames(positions)
+        lengths = pair_vectors(frames, self.pairs, _as_cells(cell, frames.shape[0])).norm(dim=-1)  # [F, B]
+        sums = torch.zeros(frames.shape[0], self.n_molecules * self.n_types, dtype=lengths.dtype)
+        sums = sums.index_add(1, self._slot, lengths)
+        return (sums / self._counts).reshape(frames.shape[0], self.n_molecules, self.n_types)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "molecules": self.n_molecules, "labels": self.labels}
+
+
+def local_observables() -> list[str]:
+    """Names of the observables of neighbourhoods (those ``refine --estimator local`` takes)."""
+    return [name for name, cls in OBSERVABLES.items() if getattr(cls, "local", False)]
 
 
 def largest_rdf_range(cell: np.ndarray, limit: float = 6.0) -> float:

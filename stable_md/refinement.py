@@ -34,7 +34,8 @@ from openmm_bridge.md_settings import RECORDED_BEFORE, MDSettings, flat_record, 
 from stable_md.compatibility import warn_if_other_structures
 from stable_md.data import Dataset, data_record, load_dataset, same_data
 from stable_md.devices import check_device, this_rank_device
-from stable_md.estimator import DEFAULT_BATCH_SIZE, ObservableTerm, boltzmann_gradient
+from stable_md.estimator import (DEFAULT_BATCH_SIZE, EstimatorResult, ObservableTerm, balanced_selection,
+                                 boltzmann_gradient, localized_boltzmann_gradient)
 from stable_md.observables import OBSERVABLES, make_observable, reference_frames
 from stable_md.files import (RunLayout, atomic_write, file_sha256, json_default, read_checkpoint, truncate_jsonl_log,
                              write_json)
@@ -74,6 +75,13 @@ class RefineError(ValueError):
     """Refinement cannot go on with these inputs or settings; the message says what to change."""
 
 
+ESTIMATORS = ("global", "local")
+# The observable each estimator learns from when --obs is not given.
+DEFAULT_OBSERVABLE = {"global": "hr", "local": "local-bonds"}
+# What runs recorded before these settings existed did (they resume with these values).
+REFINE_RECORDED_BEFORE = {"estimator": "global", "local_bins": 100, "local_per_bin": 5}
+
+
 @dataclass
 class RefineSettings:
     """What ``stable-md refine`` does. Units: K, fs, Å, eV; times of budgets in fs and s.
@@ -100,7 +108,7 @@ class RefineSettings:
     10.4x (docs/results.md).
     """
 
-    observables: list[str] = field(default_factory=lambda: ["hr"])
+    observables: Optional[list[str]] = None  # None: hr for the global estimator, local-bonds for the local one
     observable_weights: list = field(default_factory=lambda: [AUTO])
     observable_share: float = DEFAULT_OBSERVABLE_SHARE
     criterion: str = "bond"
@@ -131,10 +139,17 @@ class RefineSettings:
     nan_patience: int = 3
     train_frames: str = "auto"
     holdout_fraction: float = 0.1
+    estimator: str = "global"
+    local_bins: int = 100
+    local_per_bin: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.md, dict):  # as read back from settings.json or a model's history
             self.md = MDSettings.from_dict(self.md)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r} (--estimator); expected one of {list(ESTIMATORS)}")
+        if self.observables is None:
+            self.observables = [DEFAULT_OBSERVABLE[self.estimator]]
         self.observables = list(self.observables)
         autos = [w == AUTO for w in self.observable_weights]
         if any(autos) and not all(autos):
@@ -150,6 +165,15 @@ class RefineSettings:
         unknown = [name for name in self.observables if name not in OBSERVABLES]
         if unknown:
             raise ValueError(f"unknown observable(s) {unknown}; expected some of {list(OBSERVABLES)}")
+        local = [name for name in self.observables if getattr(OBSERVABLES[name], "local", False)]
+        if self.estimator == "global" and local:
+            raise ValueError(f"--obs {local[0]} is an observable of neighbourhoods (molecules): it needs the "
+                             f"localized estimator, --estimator local")
+        if self.estimator == "local" and len(local) != len(self.observables):
+            other = next(name for name in self.observables if name not in local)
+            choices = ", ".join(sorted(n for n in OBSERVABLES if getattr(OBSERVABLES[n], "local", False)))
+            raise ValueError(f"--estimator local learns from observables of neighbourhoods ({choices}); --obs {other} "
+                             f"is an observable of the whole system: use --estimator global for it")
         if len(self.observable_weights) == 1 and len(self.observables) > 1:
             self.observable_weights = self.observable_weights * len(self.observables)
         if len(self.observable_weights) != len(self.observables):
@@ -175,7 +199,8 @@ class RefineSettings:
         counts = {"n_replicas": self.n_replicas, "steps_per_epoch": self.steps_per_epoch,
                   "sample_every": self.sample_every, "check_every": self.check_every, "qm_batch": self.qm_batch,
                   "max_cycles": self.max_cycles, "max_epochs": self.max_epochs,
-                  "estimator_batch": self.estimator_batch, "nan_patience": self.nan_patience}
+                  "estimator_batch": self.estimator_batch, "nan_patience": self.nan_patience,
+                  "local_bins": self.local_bins, "local_per_bin": self.local_per_bin}
         for name, value in counts.items():
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -538,7 +563,8 @@ class _Refinement:
         saved = json.loads((self.directory / SETTINGS_NAME).read_text())
         old = {k: v for k, v in saved["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
         new = {k: v for k, v in record["settings"].items() if k not in MAY_CHANGE_ON_RESUME}
-        different = [k for k in new if k != "environment" and old.get(k, RECORDED_BEFORE.get(k)) != new[k]]
+        before = {**RECORDED_BEFORE, **REFINE_RECORDED_BEFORE}
+        different = [k for k in new if k != "environment" and old.get(k, before.get(k)) != new[k]]
         if not same_environment(old.get("environment"), new.get("environment")):
             different.append("environment (the MM surroundings: --structure, --mm-system, --model-atoms)")
         if "platform" in different:
@@ -702,7 +728,6 @@ class _Refinement:
         # left the observables 2.5-6% of the gradient instead of the 30% they were calibrated to.
         calibrating = s.auto_weights
         term_gradients: list[torch.Tensor] = []
-        reduce = group.sum_tensor if group.distributed else None
         clock = time.perf_counter()
         if n_samples < 2:
             problem = "fewer than two samples"
@@ -713,16 +738,14 @@ class _Refinement:
                 for term in self.terms:
                     self.optimizer.zero_grad(set_to_none=True)
                     single = ObservableTerm(term.observable, term.reference, 1.0)
-                    part = boltzmann_gradient(self.model, samples, self.train.numbers, [single], s.md.temperature,
-                                              cells=self.cell, batch_size=s.estimator_batch, reduce=reduce)
+                    part = self._estimate(samples, [single], row)
                     losses.update(part.losses)
                     means.update(part.means)
                     term_gradients.append(self._shared_gradient())
                 _set_flat_gradient(self.model, torch.stack(term_gradients).sum(dim=0))
                 loss = float(sum(losses.values()))
             else:
-                result = boltzmann_gradient(self.model, samples, self.train.numbers, self.terms, s.md.temperature,
-                                            cells=self.cell, batch_size=s.estimator_batch, reduce=reduce)
+                result = self._estimate(samples, self.terms, row)
                 losses, means, loss = result.losses, result.means, result.loss
                 if group.distributed:
                     _set_flat_gradient(self.model, self._shared_gradient())
@@ -776,6 +799,58 @@ class _Refinement:
         self.state.learning_epochs += 1
         return row
 
+    def _estimate(self, samples: np.ndarray, terms: Sequence[ObservableTerm], row: dict) -> EstimatorResult:
+        """Accumulate the observable terms' gradient into ``.grad`` by the run's estimator; losses and means by
+        observable name (the means [K] of a local observable pooled over its neighbourhoods)."""
+        s = self.settings
+        reduce = self.group.sum_tensor if self.group.distributed else None
+        if s.estimator == "global":
+            return boltzmann_gradient(self.model, samples, self.train.numbers, terms, s.md.temperature,
+                                      cells=self.cell, batch_size=s.estimator_batch, reduce=reduce)
+        # a selection drawn alike whenever this epoch is run again (a resume), its own on every rank
+        rng = np.random.default_rng([s.md.seed, self.state.learning_epochs, self.group.rank])
+        losses, means, loss, chosen_total, deviations = {}, {}, 0.0, 0, []
+        for term in terms:
+            observable = term.observable
+            with torch.no_grad():
+                values = (observable(samples, self.cell) if len(samples) else
+                          torch.zeros((0, len(observable.membership), len(term.reference)), dtype=torch.float64))
+                deviation = observable.deviation(values, term.reference).numpy()
+            selection = balanced_selection(deviation, s.local_bins, s.local_per_bin, rng)
+            result = localized_boltzmann_gradient(self.model, samples, self.train.numbers, values,
+                                                  observable.membership, term.reference, s.md.temperature,
+                                                  cells=self.cell, selection=selection,
+                                                  batch_size=s.estimator_batch, weight=term.weight, reduce=reduce)
+            losses[observable.name] = result.losses["local"]
+            means[observable.name] = result.means["local"]
+            loss += result.loss
+            chosen_total += int(selection.sum())
+            deviations.append(deviation[selection])
+        chosen = np.concatenate(deviations) if deviations else np.zeros(0)
+        row["local_samples"] = int(self.group.sum(chosen_total))
+        # every neighbourhood of every sample, of which the selection kept local_samples
+        row["local_neighbourhoods"] = int(self.group.sum(len(samples) * sum(len(t.observable.membership)
+                                                                            for t in terms)))
+        spans = self.group.gather([float(chosen.min()), float(chosen.max())] if len(chosen) else None)
+        if self.group.main:
+            spans = [span for span in spans if span is not None] if spans is not None else []
+            if spans:
+                row["local_deviation_range"] = [min(a for a, _ in spans), max(b for _, b in spans)]
+        return EstimatorResult(loss=loss, losses=losses, means=means, n_samples=row["local_samples"],
+                               weights=np.zeros(0))
+
+    def _local_summary(self) -> dict:
+        """With the localized estimator: local samples used per learning epoch (median, total) out of the
+        neighbourhoods sampled, and the range of their deviations from the reference over the run."""
+        rows = [row for row in self.history if "local_samples" in row]
+        if self.settings.estimator != "local" or not rows:
+            return {}
+        spans = [row["local_deviation_range"] for row in rows if "local_deviation_range" in row]
+        return {"local_samples_median": float(np.median([row["local_samples"] for row in rows])),
+                "local_samples_total": int(sum(row["local_samples"] for row in rows)),
+                "local_neighbourhoods_total": int(sum(row["local_neighbourhoods"] for row in rows)),
+                "local_deviation_range": ([min(a for a, _ in spans), max(b for _, b in spans)] if spans else None)}
+
     def _shared_gradient(self) -> torch.Tensor:
         """The parameters' gradient summed over the ranks (this rank's alone with one process)."""
         return self.group.sum_tensor(_flat_gradient(self.model)) if self.group.distributed \
@@ -821,10 +896,14 @@ class _Refinement:
         losses, total, means = {}, 0.0, {}
         with torch.no_grad():
             for term in self.terms:
+                def frame_values():  # [F, K]; a local observable's pooled over its neighbourhoods
+                    values = term.observable(samples, self.cell)
+                    return values.mean(dim=1) if term.observable.local else values
+
                 if not group.distributed:
-                    mean = term.observable(samples, self.cell).mean(dim=0)
+                    mean = frame_values().mean(dim=0)
                 else:
-                    local = (term.observable(samples, self.cell).sum(dim=0) if len(samples)
+                    local = (frame_values().sum(dim=0) if len(samples)
                              else torch.zeros(term.reference.shape[0], dtype=torch.float64))
                     shared = group.sum(np.concatenate([[len(samples)], local.double().numpy()]))
                     mean = torch.as_tensor(shared[1:] / shared[0])
@@ -980,6 +1059,8 @@ class _Refinement:
                                         f"{100 * s.observable_share:g}% of its gradient norm"
                                         if s.auto_weights else "given (--obs-weight)"),
             "observable_gradient_share_median": float(np.median(shares)) if shares else None,
+            "estimator": s.estimator,
+            **self._local_summary(),
             "time_split": self._time_split(),
             "stopped_by": self.state.stopped_by,
             "refined": learned,
