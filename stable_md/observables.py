@@ -134,13 +134,7 @@ class Observable:
 
     def reference(self, data: Dataset, weights: Optional[np.ndarray] = None) -> Tensor:
         """g_ref ``[K]``: the (optionally weighted) mean of the observable over the data frames."""
-        values = self(data.positions, data.cells)
-        if weights is None:
-            return values.mean(dim=0)
-        weights = torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (values.shape[0],):
-            raise ValueError(f"need one weight per data frame ({values.shape[0]}), got {tuple(weights.shape)}")
-        return (weights[:, None] * values).sum(dim=0) / weights.sum()
+        return _frame_mean(self(data.positions, data.cells), weights)
 
     def describe(self) -> dict:
         """Settings that identify this observable (kept in logs and model metadata)."""
@@ -382,13 +376,7 @@ class LocalObservable(Observable):
 
     def reference(self, data: Dataset, weights: Optional[np.ndarray] = None) -> Tensor:
         """g_ref ``[K]``: the mean over the data's frames (optionally weighted) and neighbourhoods."""
-        values = self(data.positions, data.cells).mean(dim=1)  # [F, K]
-        if weights is None:
-            return values.mean(dim=0)
-        weights = torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (values.shape[0],):
-            raise ValueError(f"need one weight per data frame ({values.shape[0]}), got {tuple(weights.shape)}")
-        return (weights[:, None] * values).sum(dim=0) / weights.sum()
+        return _frame_mean(self.pooled(self(data.positions, data.cells)), weights)
 
     @staticmethod
     def pooled(values: Tensor) -> Tensor:
@@ -476,6 +464,16 @@ def largest_rdf_range(cell: np.ndarray, limit: float = 6.0) -> float:
     volume = abs(float(np.linalg.det(cell)))
     heights = [volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)]
     return min(float(limit), 0.5 * min(heights) * 0.999)
+
+
+def _frame_mean(values: Tensor, weights: Optional[np.ndarray]) -> Tensor:
+    """``[K]``: the mean of ``values [F, K]`` over frames, weighted by ``weights [F]`` when given."""
+    if weights is None:
+        return values.mean(dim=0)
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.shape != (values.shape[0],):
+        raise ValueError(f"need one weight per data frame ({values.shape[0]}), got {tuple(weights.shape)}")
+    return (weights[:, None] * values).sum(dim=0) / weights.sum()
 
 
 def make_observable(name: str, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> Observable:

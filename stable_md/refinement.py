@@ -898,7 +898,7 @@ class _Refinement:
             for term in self.terms:
                 def frame_values():  # [F, K]; a local observable's pooled over its neighbourhoods
                     values = term.observable(samples, self.cell)
-                    return values.mean(dim=1) if term.observable.local else values
+                    return term.observable.pooled(values) if term.observable.local else values
 
                 if not group.distributed:
                     mean = frame_values().mean(dim=0)
