@@ -56,6 +56,8 @@ def _gpu_index(device: str) -> int:
 
 # Relative tolerance to which written states are put on their constraints (OpenMM's default integrator one).
 CONSTRAINT_TOLERANCE = 1e-5
+# A velocity along a constraint above this (nm/ps; thermal speeds are ~1) is a state off its constraints.
+VELOCITY_TOLERANCE_NM_PER_PS = 1e-3
 
 
 class ReplicaEngine(Protocol):
@@ -82,8 +84,8 @@ class ReplicaEngine(Protocol):
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """Positions and velocities of every replica."""
 
-    def write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
-        """Set positions and velocities of every replica."""
+    def write(self, positions: np.ndarray, velocities: np.ndarray, replicas: Optional[np.ndarray] = None) -> None:
+        """Set positions and velocities of ``replicas`` (default: every replica; arrays hold all of them)."""
 
     def checkpoint(self) -> tuple[bytes, ...]:
         """The exact state (one OpenMM checkpoint per Context)."""
@@ -188,7 +190,8 @@ class BatchedEngine(_Engine):
         state._getVectorAsNumpy(kind, out)
         return out.reshape(self.n_replicas, self.n_atoms, 3)
 
-    def write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+    def write(self, positions: np.ndarray, velocities: np.ndarray, replicas: Optional[np.ndarray] = None) -> None:
+        # one Context: every replica is written; those not named get back what read() gave, bit for bit
         self.context.setPositions(positions.reshape(-1, 3))
         self.context.setVelocities(velocities.reshape(-1, 3))
 
@@ -272,16 +275,36 @@ class PerReplicaEngine(_Engine):
             state._getVectorAsNumpy(openmm.State.Velocities, velocities[replica])
         return positions, velocities
 
-    def write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
-        constrained = self.template is not None and self.template.getNumConstraints() > 0
-        for replica, context in enumerate(self.contexts):
+    def write(self, positions: np.ndarray, velocities: np.ndarray, replicas: Optional[np.ndarray] = None) -> None:
+        chosen = range(self.n_replicas) if replicas is None else [int(r) for r in replicas]
+        for replica in chosen:
+            context = self.contexts[replica]
             context.setPositions(positions[replica])
             context.setVelocities(velocities[replica])
-            if constrained:
-                # rigid waters, X-H bonds: velocities drawn per atom move along constraints, which the
-                # integrator would drop at its first step, leaving the replica colder than drawn
+            # Rigid waters, X-H bonds: a structure file's rounded positions and velocities drawn per atom are off
+            # their constraints, and the integrator would drop the velocity along them at its first step, leaving
+            # the replica colder than drawn. A state read from a replica is on them and is written as it is.
+            off_positions, off_velocities = self._off_constraints(positions[replica], velocities[replica])
+            if off_positions:
                 context.applyConstraints(CONSTRAINT_TOLERANCE)
+            if off_positions or off_velocities:
                 context.applyVelocityConstraints(CONSTRAINT_TOLERANCE)
+
+    def _off_constraints(self, positions: np.ndarray, velocities: np.ndarray) -> tuple[bool, bool]:
+        """Whether positions [P, 3] nm leave a constraint's length, and velocities [P, 3] nm/ps move along one,
+        by more than the integrator's tolerance would leave."""
+        if self.template is None or self.template.getNumConstraints() == 0:
+            return False, False
+        if not hasattr(self, "_constraints"):
+            rows = [self.template.getConstraintParameters(k) for k in range(self.template.getNumConstraints())]
+            self._constraints = (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                                 np.array([r[2].value_in_unit(openmm.unit.nanometer) for r in rows]))
+        i, j, length = self._constraints
+        bond = positions[j] - positions[i]
+        distance = np.linalg.norm(bond, axis=1)
+        along = np.abs(((velocities[j] - velocities[i]) * bond).sum(axis=1)) / distance
+        return (bool((np.abs(distance - length) > 2 * CONSTRAINT_TOLERANCE * length).any()),
+                bool((along > VELOCITY_TOLERANCE_NM_PER_PS).any()))
 
     def checkpoint(self) -> tuple[bytes, ...]:
         return tuple(context.createCheckpoint() for context in self.contexts)
@@ -308,11 +331,13 @@ class PerReplicaEngine(_Engine):
     def last_error(self) -> Optional[BaseException]:
         return None  # per-replica failures are contained, see step()
 
-    def potential_energies(self) -> np.ndarray:
-        """[R] potential energy (kJ/mol) of each running replica's whole System now (the model's part and the MM
-        surroundings'); NaN for frozen ones. ReplicaSet asks for it when the replicas have MM surroundings."""
+    def potential_energies(self, frozen: Optional[np.ndarray] = None) -> np.ndarray:
+        """[R] potential energy (kJ/mol) of each replica's whole System now (the model's part and the MM
+        surroundings'); NaN for those ``frozen`` (default: the engine's frozen ones). ReplicaSet asks for it when
+        the replicas have MM surroundings."""
+        frozen = self.frozen if frozen is None else np.asarray(frozen, dtype=bool)
         energies = np.full(self.n_replicas, np.nan)
-        for replica in np.flatnonzero(~self.frozen):
+        for replica in np.flatnonzero(~frozen):
             state = self.contexts[replica].getState(getEnergy=True)
             energies[replica] = state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole)
         return energies

@@ -16,6 +16,7 @@ Units here are stable-md's: positions and the box in Å, masses in amu.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -40,7 +41,7 @@ _REFUSED_FORCES = {
     "MonteCarloMembraneBarostat": "a barostat: replicas run at constant volume",
     "AndersenThermostat": "a thermostat force: the replicas' thermostat is the --integrator's",
 }
-STRUCTURE_SUFFIXES = (".pdb", ".cif", ".pdbx")
+STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdbx")
 
 
 class MMEnvironment:
@@ -88,7 +89,7 @@ class MMEnvironment:
                                  f"element or mass; the model computes real atoms only")
             numbers.append(int(element.atomic_number))
         self.numbers = np.asarray(numbers, dtype=np.int64)
-        _check_whole_molecules(topology, self.model_atoms, source)
+        _check_whole_molecules(topology, mm_system, self.model_atoms, source)
         for force in mm_system.getForces():
             why = _REFUSED_FORCES.get(type(force).__name__)
             if why is not None:
@@ -96,6 +97,7 @@ class MMEnvironment:
         self.masses = np.array([mm_system.getParticleMass(i).value_in_unit(unit.dalton)
                                 for i in range(n_particles)], dtype=np.float64)
         self.box = _box_angstrom(topology, mm_system)
+        self.positions = whole_molecules(self.positions, topology, self.model_atoms, self.box)
         self.files: dict[str, str] = {}  # content hashes of the files it was read from (from_files)
 
     @property
@@ -130,7 +132,7 @@ class MMEnvironment:
 
         from openmm_bridge.forces import FORCE_NAME
 
-        mixed = MLPotential("stable-md", model=model).createMixedSystem(self.topology, self.mm_system,
+        mixed = MLPotential("stable-md", model=model).createMixedSystem(self._embedding_topology(), self.mm_system,
                                                                          self.model_atoms.tolist())
         if mixed.getNumParticles() != self.n_particles:  # link atoms; _check_whole_molecules prevents them
             raise ValueError(f"{self.source}: OpenMM-ML added particles to the System (link atoms?); the model's "
@@ -139,6 +141,18 @@ class MMEnvironment:
             if mixed.getForce(index).getName() == FORCE_NAME:
                 mixed.removeForce(index)
         return mixed
+
+    def _embedding_topology(self) -> app.Topology:
+        """The topology OpenMM-ML is given: the replicas' box (none for a non-periodic System, whatever CRYST1
+        line the file had), and a placeholder element for virtual sites (TIP4P's M), which OpenMM-ML reads an
+        atomic number of although only link atoms would use it."""
+        topology = copy.deepcopy(self.topology)
+        for atom in topology.atoms():
+            if atom.element is None:
+                atom.element = app.element.hydrogen
+        box = None if self.box is None else [openmm.Vec3(*row) for row in self.box / NM_IN_ANGSTROM] * unit.nanometer
+        topology.setPeriodicBoxVectors(box)
+        return topology
 
     def record(self) -> dict:
         """What a run's settings keep of the environment (compared on resume)."""
@@ -170,11 +184,12 @@ def read_structure(path: str | os.PathLike) -> tuple[app.Topology, np.ndarray]:
         raise ValueError(f"{path}: a structure with MM surroundings must be a PDB or PDBx/mmCIF file "
                          f"({', '.join(STRUCTURE_SUFFIXES)}), which hold the residues and bonds the force field "
                          f"needs; got {suffix or 'no suffix'}")
-    reader = app.PDBFile if suffix == ".pdb" else app.PDBxFile
+    pdb = suffix in (".pdb", ".ent")
+    reader = app.PDBFile if pdb else app.PDBxFile
     try:
         structure = reader(str(path))
     except Exception as error:  # OpenMM's readers raise anything from ValueError to IndexError on bad files
-        raise ValueError(f"{path}: cannot read it as {'PDB' if suffix == '.pdb' else 'PDBx/mmCIF'} ({error})") \
+        raise ValueError(f"{path}: cannot read it as {'PDB' if pdb else 'PDBx/mmCIF'} ({error})") \
             from error
     positions = np.asarray(structure.getPositions(asNumpy=True).value_in_unit(unit.angstrom), dtype=np.float64)
     return structure.topology, positions
@@ -225,16 +240,59 @@ def _checked_atoms(model_atoms: Sequence[int], n_particles: int, source: str) ->
     return indices
 
 
-def _check_whole_molecules(topology: app.Topology, model_atoms: np.ndarray, source: str) -> None:
-    """A bond between a model atom and an MM atom would need link atoms, which stable-md's models never saw."""
+def _check_whole_molecules(topology: app.Topology, system: openmm.System, model_atoms: np.ndarray,
+                           source: str) -> None:
+    """A bond between a model atom and an MM atom would need link atoms, which stable-md's models never saw.
+    Bonds come from the topology and, as a PDB may lack CONECT records, from the System's bond terms and
+    constraints."""
     inside = set(int(i) for i in model_atoms)
-    for bond in topology.bonds():
-        a, b = bond[0].index, bond[1].index
+    pairs = [(bond[0].index, bond[1].index) for bond in topology.bonds()]
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            pairs += [tuple(force.getBondParameters(k)[:2]) for k in range(force.getNumBonds())]
+    pairs += [tuple(system.getConstraintParameters(k)[:2]) for k in range(system.getNumConstraints())]
+    atoms = list(topology.atoms())
+    for a, b in pairs:
         if (a in inside) != (b in inside):
-            model, other = (bond[0], bond[1]) if a in inside else (bond[1], bond[0])
+            model, other = (atoms[a], atoms[b]) if a in inside else (atoms[b], atoms[a])
             raise ValueError(f"{source}: model atom {model.index} ({model.residue.name} {model.name}) is bonded to "
                              f"atom {other.index} ({other.residue.name} {other.name}) outside the selection; select "
                              f"whole molecules")
+
+
+def whole_molecules(positions: np.ndarray, topology: app.Topology, atoms: np.ndarray,
+                    box: Optional[np.ndarray]) -> np.ndarray:
+    """``positions`` [P, 3] Å with the molecules of ``atoms`` made whole in ``box`` [3, 3] Å: each atom moved to
+    the periodic image nearest the bonded atom it is reached from (a structure file may wrap a solute through
+    the box's faces; the criteria, observables and estimator measure it without a box)."""
+    if box is None:
+        return positions
+    inside = set(int(i) for i in atoms)
+    neighbours: dict[int, list[int]] = {i: [] for i in inside}
+    for bond in topology.bonds():
+        a, b = bond[0].index, bond[1].index
+        if a in inside and b in inside:
+            neighbours[a].append(b)
+            neighbours[b].append(a)
+    whole = positions.copy()
+    inverse = np.linalg.inv(box)
+    placed: set[int] = set()
+    for root in (int(i) for i in atoms):
+        if root in placed:
+            continue
+        placed.add(root)
+        stack = [root]
+        while stack:
+            atom = stack.pop()
+            for other in neighbours[atom]:
+                if other in placed:
+                    continue
+                step = whole[other] - whole[atom]
+                fractional = step @ inverse
+                whole[other] = whole[atom] + (fractional - np.round(fractional)) @ box
+                placed.add(other)
+                stack.append(other)
+    return whole
 
 
 def _box_angstrom(topology: app.Topology, system: openmm.System) -> Optional[np.ndarray]:

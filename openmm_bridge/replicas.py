@@ -293,10 +293,12 @@ class ReplicaSet:
         """[R, P, 3] velocities in Å/fs (zero for frozen replicas)."""
         return self._engine.read()[1] / ANGSTROM_PER_FS_IN_NM_PER_PS
 
-    def _write(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+    def _write(self, positions: np.ndarray, velocities: np.ndarray, replicas: Optional[np.ndarray] = None) -> None:
+        """Write ``replicas`` (default all; the arrays hold every replica) in OpenMM units; the others are left
+        exactly as they are."""
         velocities = velocities.copy()
         velocities[self.frozen] = 0.0
-        self._engine.write(positions / NM_IN_ANGSTROM, velocities * ANGSTROM_PER_FS_IN_NM_PER_PS)
+        self._engine.write(positions / NM_IN_ANGSTROM, velocities * ANGSTROM_PER_FS_IN_NM_PER_PS, replicas)
 
     def set_state(self, positions: Optional[np.ndarray] = None, velocities: Optional[np.ndarray] = None,
                   replicas: Optional[Iterable[int]] = None) -> None:
@@ -310,7 +312,7 @@ class ReplicaSet:
             current_positions[chosen] = _finite(positions, (len(chosen), self.n_particles, 3), "positions")
         if velocities is not None:
             current_velocities[chosen] = _finite(velocities, (len(chosen), self.n_particles, 3), "velocities")
-        self._write(current_positions, current_velocities)
+        self._write(current_positions, current_velocities, chosen)
 
     def maxwell_boltzmann(self, temperature: float, seed: int) -> np.ndarray:
         """[R, P, 3] velocities (Å/fs) drawn at ``temperature`` K, each replica's centre of mass at rest."""
@@ -339,8 +341,7 @@ class ReplicaSet:
             if positions is not None:
                 raise ValueError("with MM surroundings the energies are those of the replicas' current state; "
                                  "call potential_energies() without positions")
-            energies = self._engine.potential_energies() * KJ_PER_MOL_IN_EV
-            return np.where(self.frozen, np.nan, energies)
+            return self._engine.potential_energies(self.frozen) * KJ_PER_MOL_IN_EV
         positions = self.positions() if positions is None else positions
         callback = self._energy_evaluator
         callback.active[:] = ~self.frozen
@@ -409,12 +410,13 @@ class ReplicaSet:
         if np.array_equal(frozen, self.frozen):
             return
         positions, velocities = self.positions(), self.velocities()
+        changed = np.flatnonzero(frozen != self.frozen)
         self.frozen = frozen
         self._engine.set_frozen(frozen)
-        self._write(positions, velocities)
+        self._write(positions, velocities, changed)
 
     def reset(self, positions: np.ndarray, velocities: Optional[np.ndarray] = None) -> None:
-        """Start every replica afresh from ``positions`` [R, N, 3] Å (and ``velocities`` Å/fs, default
+        """Start every replica afresh from ``positions`` [R, P, 3] Å (and ``velocities`` Å/fs, default
         Maxwell-Boltzmann): all running, no instability recorded, thermostat state fresh (the
         Context is rebuilt), so what follows depends on nothing but the arguments and the seed.
         The clock keeps counting."""
@@ -476,7 +478,7 @@ class ReplicaSet:
             positions, velocities = self.positions(), self.velocities()
             positions[chosen] = snapshot.positions[chosen]
             velocities[chosen] = snapshot.velocities[chosen]
-            self._write(positions, velocities)
+            self._write(positions, velocities, chosen)
 
     # -- running ---------------------------------------------------------------------------------------
     def run(self, n_steps: int, reporters: Sequence[Reporter] = (),
@@ -565,7 +567,7 @@ class ReplicaSet:
         # A replica that produced non-finite numbers is put back to its last finite state and frozen.
         positions[bad] = start_positions[bad]
         velocities[bad] = 0.0
-        self._engine.write(positions, velocities)
+        self._engine.write(positions, velocities, np.flatnonzero(bad))
         self._retire(bad)
 
     def _retire(self, bad: np.ndarray) -> None:
@@ -627,6 +629,7 @@ def maxwell_boltzmann(masses: np.ndarray, n_replicas: int, temperature: float, s
     if len(masses) > 1:
         com = (velocities * masses[None, :, None]).sum(axis=1, keepdims=True) / masses.sum()
         velocities -= com
+        velocities[:, masses == 0] = 0.0
     return velocities / ANGSTROM_PER_FS_IN_NM_PER_PS
 
 

@@ -706,7 +706,8 @@ def _simulate(args: argparse.Namespace) -> int:
     settings = SimulationSettings(
         model=str(Path(args.model).resolve()), n_replicas=args.replicas, numbers=[int(z) for z in numbers],
         md=_md_settings(args), total_time=total_time, frame_interval=args.check_every, backend=args.force,
-        periodic=cell is not None, stability=args.stability, bond_threshold=args.threshold)
+        periodic=cell is not None or (environment is not None and environment.box is not None),
+        stability=args.stability, bond_threshold=args.threshold)
     print(f"stable-md simulate: {args.replicas} replicas of {len(numbers)} atoms from {source}, "
           f"{args.integrator} at {args.temperature:g} K, {args.timestep:g} fs steps, "
           f"{total_time / 1000:g} ps ({settings.n_steps} steps), {settings.md.mode} on {settings.md.platform}, "
