@@ -28,26 +28,37 @@ REPO = Path(__file__).resolve().parents[1]
 N_ETHANOL = 9
 
 
+def _solvated_ethanol(ethanol, water: str):
+    """Modeller of ethanol (frame 0, residue ETH) in ``water`` (tip3p, tip4pew; 0.8 nm padding) and its MM System
+    (ethanol_mm.xml, PME with a 0.7 nm cutoff, rigid water, X-H constraints)."""
+    bonds = detect_bonds(ethanol.numbers, ethanol.positions[:50], None)
+    forcefield = app.ForceField(str(REPO / "data" / "ethanol_mm.xml"), f"{water}.xml")
+    modeller = app.Modeller(molecule_topology(ethanol.numbers, bonds.pairs, residue="ETH"),
+                            ethanol.positions[0] * 0.1 * unit.nanometer)
+    modeller.addSolvent(forcefield, model=water, padding=0.8 * unit.nanometer)
+    return modeller, forcefield.createSystem(modeller.topology, nonbondedMethod=app.PME,
+                                             nonbondedCutoff=0.7 * unit.nanometer, constraints=app.HBonds)
+
+
+def _minimized(modeller, system, iterations: int):
+    """The Modeller's positions after OpenMM's energy minimization in ``system`` (nm, a Quantity array)."""
+    simulation = app.Simulation(modeller.topology, system, openmm.VerletIntegrator(0.0005),
+                                openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
+    simulation.context.setPositions(modeller.positions)
+    simulation.minimizeEnergy(maxIterations=iterations)
+    return simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
+
+
 @pytest.fixture(scope="module")
 def solvated_files(tmp_path_factory, pretrained_model, ethanol):
     """What a user brings: an equilibrated PDB of ethanol (residue ETH) in TIP3P water and the MM System XML of
     every particle (ethanol_mm.xml + tip3p.xml, PME, rigid water, X-H constraints), minimized in OpenMM with
     OpenMM-ML's mixed System of the model."""
     folder = tmp_path_factory.mktemp("solvated")
-    bonds = detect_bonds(ethanol.numbers, ethanol.positions[:50], None)
-    forcefield = app.ForceField(str(REPO / "data" / "ethanol_mm.xml"), "tip3p.xml")
-    modeller = app.Modeller(molecule_topology(ethanol.numbers, bonds.pairs, residue="ETH"),
-                            ethanol.positions[0] * 0.1 * unit.nanometer)
-    modeller.addSolvent(forcefield, model="tip3p", padding=0.8 * unit.nanometer)
-    mm_system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.PME,
-                                        nonbondedCutoff=0.7 * unit.nanometer, constraints=app.HBonds)
+    modeller, mm_system = _solvated_ethanol(ethanol, "tip3p")
     mixed = MLPotential("stable-md", modelPath=str(pretrained_model)).createMixedSystem(
         modeller.topology, mm_system, list(range(N_ETHANOL)))
-    simulation = app.Simulation(modeller.topology, mixed, openmm.VerletIntegrator(0.0005),
-                                openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
-    simulation.context.setPositions(modeller.positions)
-    simulation.minimizeEnergy(maxIterations=300)
-    positions = simulation.context.getState(getPositions=True).getPositions()
+    positions = _minimized(modeller, mixed, 300)
     with open(folder / "solvated.pdb", "w") as handle:
         app.PDBFile.writeFile(modeller.topology, positions, handle, keepIds=True)
     (folder / "system.xml").write_text(openmm.XmlSerializer.serialize(mm_system))
@@ -337,19 +348,9 @@ def test_a_pdb_without_conect_records_still_needs_whole_molecules(environment, s
 
 def test_a_water_model_with_virtual_sites_runs(pretrained_model, ethanol, tmp_path):
     """TIP4P-Ew: massless M sites, which OpenMM-ML reads an element of; the temperature counts massive atoms."""
-    bonds = detect_bonds(ethanol.numbers, ethanol.positions[:50], None)
-    forcefield = app.ForceField(str(REPO / "data" / "ethanol_mm.xml"), "tip4pew.xml")
-    modeller = app.Modeller(molecule_topology(ethanol.numbers, bonds.pairs, residue="ETH"),
-                            ethanol.positions[0] * 0.1 * unit.nanometer)
-    modeller.addSolvent(forcefield, model="tip4pew", padding=0.8 * unit.nanometer)
-    mm_system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.PME,
-                                        nonbondedCutoff=0.7 * unit.nanometer, constraints=app.HBonds)
-    simulation = app.Simulation(modeller.topology, mm_system, openmm.VerletIntegrator(0.0005),
-                                openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
-    simulation.context.setPositions(modeller.positions)
-    simulation.minimizeEnergy(maxIterations=200)  # Modeller's waters are placed, not relaxed
-    minimized = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
-    positions = np.asarray(minimized.value_in_unit(unit.angstrom))
+    modeller, mm_system = _solvated_ethanol(ethanol, "tip4pew")
+    # Modeller's waters are placed, not relaxed
+    positions = np.asarray(_minimized(modeller, mm_system, 200).value_in_unit(unit.angstrom))
     environment = MMEnvironment(modeller.topology, mm_system, range(N_ETHANOL), positions)
     sites = [i for i in range(mm_system.getNumParticles()) if mm_system.isVirtualSite(i)]
     n_waters = len(sites)
