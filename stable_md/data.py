@@ -39,6 +39,8 @@ class Dataset:
         "fingerprint", "frames"}`` (kept through subsetting; ``None`` for data made in
         memory). Models record it, so "the same data" means the same frames, whatever
         path or working directory names the file.
+    times_fs: ``[F]`` simulated time of each frame in fs when the file records it (``md_time_fs``, as
+        ``stable-md data`` writes), else ``None``: frames of one MD trajectory give reference dynamics.
     """
 
     positions: np.ndarray
@@ -49,6 +51,7 @@ class Dataset:
     source: str = "<memory>"
     indices: np.ndarray = field(default=None)  # type: ignore[assignment]
     origin: Optional[dict] = None
+    times_fs: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.positions = np.asarray(self.positions, dtype=np.float64)
@@ -57,6 +60,8 @@ class Dataset:
         self.forces = np.asarray(self.forces, dtype=np.float64)
         if self.cells is not None:
             self.cells = np.asarray(self.cells, dtype=np.float64)
+        if self.times_fs is not None:
+            self.times_fs = np.asarray(self.times_fs, dtype=np.float64).reshape(-1)
         if self.indices is None:
             self.indices = np.arange(len(self.positions))
         self.indices = np.asarray(self.indices, dtype=np.int64)
@@ -97,6 +102,7 @@ class Dataset:
             source=self.source,
             indices=self.indices[picked],
             origin=self.origin,
+            times_fs=None if self.times_fs is None else self.times_fs[picked],
         )
 
     def first(self, n: int) -> "Dataset":
@@ -369,7 +375,7 @@ def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: s
     first = frames[0]
     numbers = first.numbers.copy()
     periodic = _periodicity(path, first, 0)
-    positions, energies, forces, cells = [], [], [], []
+    positions, energies, forces, cells, times = [], [], [], [], []
     for k, atoms in enumerate(frames):
         if len(atoms) != len(numbers) or not np.array_equal(atoms.numbers, numbers):
             raise DataError(
@@ -384,9 +390,12 @@ def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: s
         forces.append(_frame_forces(path, atoms, k, forces_key))
         if periodic:
             cells.append(np.asarray(atoms.cell))
+        times.append(atoms.info.get("md_time_fs"))
+    timed = all(isinstance(t, (int, float)) and np.isfinite(t) for t in times)
     return Dataset(
         positions=np.array(positions), numbers=numbers, energies=np.array(energies) * factor,
         forces=np.array(forces) * factor, cells=np.array(cells) if periodic else None, source=str(path),
+        times_fs=np.array(times, dtype=np.float64) if timed else None,
     )
 
 

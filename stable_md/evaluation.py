@@ -213,6 +213,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                for model, label in zip(models, labels)]
     report = {"settings": flat_record(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
                                                                          "values": reference.tolist()},
+              "reference_diffusion": reference_diffusion(dataset),
               "models": results, "comparisons": survival_statistics(results, settings)}
     report["figures"] = [str(p) for p in _figures(report, observable, directory)]
     write_json(directory / REPORT_NAME, report)
@@ -298,7 +299,33 @@ def summary_table(report: dict) -> list[str]:
     lines.append(f"(stable times are right-censored at the {total:g} ps evaluated: Kaplan-Meier medians, RMST = "
                  f"restricted mean up to {total:g} ps; ratios (×) and log-rank p against {rows[0][0]}; ≥ marks a "
                  f"median reached by the cap, > {total:g} a bound the data cannot give)")
+    diffusion = _diffusion_line(report)
+    if diffusion:
+        lines.append(diffusion)
     return lines
+
+
+def _diffusion_line(report: dict) -> Optional[str]:
+    """Heavy-atom self-diffusion of each model (periodic boxes), against the data's own when it has one."""
+    reference = report.get("reference_diffusion")
+    models = [(result["label"], result.get("diffusion")) for result in report["models"]]
+    if reference is None and not any(d for _, d in models):
+        return None
+    parts = []
+    for label, diffusion in models:
+        if not diffusion:
+            parts.append(f"{label} n/a")
+            continue
+        value = diffusion["mean_m2_per_s"]
+        shown = f"{label} {value * 1e9:.2f} ± {diffusion['std_m2_per_s'] * 1e9:.2f}"
+        if reference is not None:
+            shown += f" ({value / reference['m2_per_s'] - 1:+.0%})"
+        parts.append(shown)
+    head = "self-diffusion of the heavy atoms (1e-9 m²/s): "
+    if reference is not None:
+        head += (f"data {reference['m2_per_s'] * 1e9:.2f} (its {reference['frames']} frames "
+                 f"{reference['frame_interval_fs']:g} fs apart); ")
+    return head + "; ".join(parts)
 
 
 # -- set-up -------------------------------------------------------------------------------------------------------
@@ -569,6 +596,40 @@ def _diffusion_values(unwrapped: list[np.ndarray], samples: np.ndarray, s: Evalu
         msd = mean_squared_displacement(trajectory[r, :n_frames], max_lag=n_frames // 2)
         values.append(diffusion_coefficient(msd, interval))
     return values
+
+
+def reference_diffusion(data: Dataset, min_frames: int = 20) -> Optional[dict]:
+    """The heavy atoms' self-diffusion coefficient (m²/s) of the data's own trajectory, the way evaluate measures
+    a model's: the longest run of consecutive frames evenly spaced in time (``data.times_fs``) of a periodic box,
+    unwrapped by minimum-image steps, MSD up to half its length. None for molecules, frames without times, or
+    fewer than ``min_frames`` frames in one run."""
+    if data.cells is None or data.times_fs is None or len(data) < min_frames:
+        return None
+    steps = np.diff(data.times_fs)
+    spacing = float(np.median(steps))
+    if not spacing > 0:
+        return None
+    regular = np.abs(steps - spacing) <= 1e-6 * spacing
+    best_start, best_length, start = 0, 0, 0
+    for k in range(len(regular) + 1):
+        if k == len(regular) or not regular[k]:
+            if k - start > best_length:
+                best_start, best_length = start, k - start
+            start = k + 1
+    n_frames = best_length + 1
+    if n_frames < min_frames:
+        return None
+    heavy = np.flatnonzero(data.numbers > 1)
+    positions = data.positions[best_start:best_start + n_frames][:, heavy]
+    cell = data.cells[best_start]
+    moves = np.diff(positions, axis=0)
+    fractional = moves @ np.linalg.inv(cell)
+    moves = (fractional - np.round(fractional)) @ cell
+    trajectory = np.concatenate([positions[:1], positions[:1] + np.cumsum(moves, axis=0)])
+    msd = mean_squared_displacement(trajectory, max_lag=n_frames // 2)
+    return {"m2_per_s": float(diffusion_coefficient(msd, spacing)), "frames": int(n_frames),
+            "frame_interval_fs": spacing,
+            "definition": "heavy atoms of the data's longest evenly spaced run of frames, MSD up to half its length"}
 
 
 def _diffusion(values: list[float], s: EvaluateSettings) -> Optional[dict]:
