@@ -4,6 +4,7 @@ it, and the command line on a water box."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,34 @@ def test_refine_a_water_box_with_the_localized_estimator_from_the_command_line(w
     assert summary["estimator"] == "local"
     assert main(command[:4] + ["--obs", "local-bonds", "-o", str(tmp_path / "x.pt")]) == 2
     assert "--obs local-bonds is an observable of neighbourhoods" in capsys.readouterr().err
+
+
+def _local_step(model: str, data: str, directory: str, samples: np.ndarray) -> dict:
+    """One localized estimator pass of this process's block of ``samples``, every neighbourhood selected."""
+    from stable_md.distributed import current_group
+
+    group = current_group()
+    settings = RefineSettings(estimator="local", observable_weights=[2.5], qm_weight=0.0, n_replicas=2,
+                              local_bins=1, local_per_bin=10 ** 6, steps_per_epoch=20, sample_every=10,
+                              check_every=10, criterion="imd")
+    run = _Refinement(model, data, Path(directory) / "out.pt", Path(directory), settings, resume=False,
+                      progress=False, group=group)
+    run.model.zero_grad(set_to_none=True)
+    row: dict = {}
+    run._estimate(samples[group.block(len(samples))], run.terms, row)
+    gradient = group.sum_tensor(torch.cat([p.grad.reshape(-1) for p in run.model.parameters()]).double())
+    return {"row": row, "gradient": gradient}
+
+
+def test_the_localized_step_on_two_ranks_is_the_step_of_one(random_water_model, water_path, water, tmp_path):
+    """The weights use the mean over the molecules of both ranks' samples (5 frames split 3 + 2): with every
+    neighbourhood selected, the summed gradient and the counts are those of one process."""
+    from stable_md.distributed import launch
+
+    samples = water.positions[::3][:5]
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one = _local_step(str(random_water_model), str(water_path), str(tmp_path / "one"), samples)
+    two = launch(2, _local_step, (str(random_water_model), str(water_path), str(tmp_path / "two"), samples))
+    assert two["row"]["local_samples"] == one["row"]["local_samples"] == 160
+    assert two["row"]["local_deviation_range"] == pytest.approx(one["row"]["local_deviation_range"])
+    torch.testing.assert_close(two["gradient"], one["gradient"], rtol=1e-9, atol=1e-12)
