@@ -13,6 +13,7 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
+from openmm_bridge.labelled_md import LabelledSimulation
 from stable_md.units import NM_IN_ANGSTROM
 
 FORCEFIELD = Path(__file__).with_name("forcefields") / "spcfw.xml"
@@ -79,46 +80,17 @@ def water_system(topology: app.Topology, length: float) -> openmm.System:
     return system
 
 
-class WaterSimulation:
+class WaterSimulation(LabelledSimulation):
     """SPC/Fw water in a cubic box under a Langevin thermostat (LangevinMiddle), one Context.
 
     Parameters: ``n_molecules``, ``density`` g/cm³, ``temperature`` K, ``timestep`` fs,
     ``friction`` 1/ps, ``seed`` (box, velocities and noise), OpenMM ``platform``.
     """
 
+    ev_per_kj_mol = KJ_PER_MOL_IN_EV
+
     def __init__(self, n_molecules: int, density: float, temperature: float, timestep: float, friction: float,
                  seed: int, platform: str = "CPU") -> None:
-        topology, self.start_positions, self.length = build_box(n_molecules, density, seed)
-        self.temperature, self.seed = temperature, seed
-        self.numbers = np.array([8, 1, 1] * n_molecules)
-        self.cell = np.eye(3) * self.length
-        self.integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, friction / unit.picosecond,
-                                                          timestep * unit.femtosecond)
-        self.integrator.setRandomNumberSeed(seed + 1)
-        properties = {"Threads": "1"} if platform == "CPU" else {}
-        self.context = openmm.Context(water_system(topology, self.length), self.integrator,
-                                      openmm.Platform.getPlatformByName(platform), properties)
-
-    def start(self) -> None:
-        """Put the waters on their grid, minimize, and draw velocities at the temperature."""
-        self.context.setPositions(self.start_positions / NM_IN_ANGSTROM * unit.nanometer)
-        openmm.LocalEnergyMinimizer.minimize(self.context, 10.0, 1000)
-        self.context.setVelocitiesToTemperature(self.temperature * unit.kelvin, self.seed + 1)
-
-    def step(self, n_steps: int) -> None:
-        self.integrator.step(int(n_steps))
-
-    def labelled_frame(self) -> tuple[np.ndarray, float, np.ndarray]:
-        """Positions [3n, 3] Å wrapped into the box, potential energy (eV) and forces [3n, 3] (eV/Å)."""
-        state = self.context.getState(getPositions=True, getEnergy=True, getForces=True, enforcePeriodicBox=True)
-        positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.angstrom))
-        energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * KJ_PER_MOL_IN_EV
-        forces = np.asarray(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.angstrom))
-        return positions, float(energy), forces * KJ_PER_MOL_IN_EV
-
-    def checkpoint(self) -> bytes:
-        """The Context's exact state (positions, velocities, random stream)."""
-        return self.context.createCheckpoint()
-
-    def load(self, checkpoint: bytes) -> None:
-        self.context.loadCheckpoint(checkpoint)
+        topology, start_positions, self.length = build_box(n_molecules, density, seed)
+        super().__init__(water_system(topology, self.length), np.array([8, 1, 1] * n_molecules), start_positions,
+                         temperature, timestep, friction, seed, platform, cell=np.eye(3) * self.length)

@@ -523,7 +523,8 @@ def _add_evaluate_parser(commands) -> None:
 def _add_data_parser(commands) -> None:
     from stable_md.refdata import xtb_md
 
-    p = commands.add_parser("data", help="make reference data (GFN2-xTB MD, SPC/Fw water) or convert it",
+    p = commands.add_parser("data", help="make reference data (GFN2-xTB MD, SPC/Fw water, an Amber14 peptide) or "
+                                         "convert it",
                             description="Make reference data sets with real physics on this machine.")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     x = kinds.add_parser("xtb-md", help="GFN2-xTB Langevin MD of a molecule (tblite), frames to extended XYZ",
@@ -537,20 +538,25 @@ def _add_data_parser(commands) -> None:
                                      "beside it as OUTPUT.checkpoint.npz (positions, velocities, noise state: 8 kB for "
                                      "32 molecules): a later run with a larger --frames continues the same trajectory "
                                      "from it. Delete it once the data set is final.")
-    w.add_argument("-o", "--output", required=True, help="extended XYZ file to write")
     w.add_argument("--molecules", type=_positive_int, default=64, help="water molecules (default: 64)")
     w.add_argument("--density", type=_positive_float, default=0.997, help="g/cm³ (default: 0.997)")
-    w.add_argument("--temperature", type=_positive_float, default=300.0, help="K (default: 300)")
-    w.add_argument("--timestep", type=_positive_float, default=1.0, help="fs (default: 1)")
-    w.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
-    w.add_argument("--frames", type=_positive_int, default=1000, help="frames to write (default: 1000)")
-    w.add_argument("--every", type=_positive_int, default=100, help="steps between frames (default: 100)")
-    w.add_argument("--equilibration", type=int, default=20000,
-                   help="unstored equilibration steps (default: 20000 = 20 ps at 1 fs)")
-    w.add_argument("--seed", type=int, default=0, help="seed of the box and the Langevin noise (default: 0)")
-    w.add_argument("--no-resume", action="store_true", help="fail if the output exists instead of continuing it")
-    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_labelled_md_options(w, temperature=300.0, timestep=1.0, frames=1000,
+                             seed_help="seed of the box and the Langevin noise")
     w.set_defaults(func=_data_water)
+    a = kinds.add_parser("amber-peptide", help="capped alanine peptide (Ac-Ala3-NHMe) under Amber14 in OpenMM, "
+                                               "frames to extended XYZ",
+                         description="Ac-(Ala)n-NHMe (default n = 3: the paper's tetrapeptide) with L-alanines, built "
+                                     "from a SMILES by RDKit with hydrogens added by OpenMM's Modeller, under "
+                                     "amber14-all in vacuum or OBC2 implicit solvent, every bond flexible, Langevin "
+                                     "at 500 K (the paper's temperature); frames labelled with OpenMM energies (eV) "
+                                     "and forces (eV/Å). Resumes an existing output file from OUTPUT.checkpoint.npz, "
+                                     "as data water does.")
+    a.add_argument("--alanines", type=_positive_int, default=3, help="alanines between the caps (default: 3)")
+    a.add_argument("--solvent", choices=["vacuum", "obc2"], default="vacuum",
+                   help="vacuum (default) or obc2 (generalized Born implicit water)")
+    _add_labelled_md_options(a, temperature=500.0, timestep=0.5, frames=2000,
+                             seed_help="seed of the RDKit conformer and the Langevin noise")
+    a.set_defaults(func=_data_peptide)
     c = kinds.add_parser("convert", help="write a data set as MD17-style .npz (compressed) or extended XYZ",
                          description="Read any data set stable-md reads and write it as an MD17-style .npz (keys "
                                      "R, z, E, F in kcal/mol and kcal/mol/Å, float32 R and F, compressed) or "
@@ -560,6 +566,23 @@ def _add_data_parser(commands) -> None:
     c.add_argument("--units", default=None, help="energy unit of the inputs (default: eV for xyz, kcal/mol for .npz)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.set_defaults(func=_data_convert)
+
+
+def _add_labelled_md_options(p: argparse.ArgumentParser, temperature: float, timestep: float, frames: int,
+                             seed_help: str) -> None:
+    """The options of the OpenMM data generators (data water, data amber-peptide): one list of names."""
+    p.add_argument("-o", "--output", required=True, help="extended XYZ file to write")
+    p.add_argument("--temperature", type=_positive_float, default=temperature, help=f"K (default: {temperature:g})")
+    p.add_argument("--timestep", type=_positive_float, default=timestep, help=f"fs (default: {timestep:g})")
+    p.add_argument("--friction", type=_positive_float, default=1.0, help="Langevin friction, 1/ps (default: 1)")
+    p.add_argument("--frames", type=_positive_int, default=frames, help=f"frames to write (default: {frames})")
+    p.add_argument("--every", type=_positive_int, default=100, help="steps between frames (default: 100)")
+    p.add_argument("--equilibration", type=int, default=20000,
+                   help=f"unstored equilibration steps (default: 20000 = {20000 * timestep / 1000:g} ps at "
+                        f"{timestep:g} fs)")
+    p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
+    p.add_argument("--no-resume", action="store_true", help="fail if the output exists instead of continuing it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -862,18 +885,29 @@ def _data_xtb(args: argparse.Namespace) -> int:
 
 
 def _data_water(args: argparse.Namespace) -> int:
-    try:
-        from stable_md.refdata.water_md import run_water_md
-    except ImportError as error:
-        raise ImportError(f"data water needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
+    return _run_openmm_generator(args, "water", "water_md", "run_water_md", n_molecules=args.molecules,
+                                 density=args.density)
 
+
+def _data_peptide(args: argparse.Namespace) -> int:
+    return _run_openmm_generator(args, "amber-peptide", "peptide_md", "run_peptide_md", n_alanines=args.alanines,
+                                 solvent=args.solvent)
+
+
+def _run_openmm_generator(args: argparse.Namespace, kind: str, module: str, function: str, **system) -> int:
+    """Run one of the OpenMM data generators with the options every one has (_add_labelled_md_options)."""
+    import importlib
+
+    try:
+        run = getattr(importlib.import_module(f"stable_md.refdata.{module}"), function)
+    except ImportError as error:
+        raise ImportError(f"data {kind} needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
     if args.equilibration < 0:
         raise ValueError(f"--equilibration must be >= 0 steps, got {args.equilibration}")
     _check_xyz_output(args.output)
-    path = run_water_md(args.output, n_molecules=args.molecules, density=args.density,
-                        temperature=args.temperature, timestep_fs=args.timestep, friction=args.friction,
-                        n_frames=args.frames, every=args.every, equilibration_steps=args.equilibration,
-                        seed=args.seed, resume=not args.no_resume, progress=not args.quiet)
+    path = run(args.output, temperature=args.temperature, timestep_fs=args.timestep, friction=args.friction,
+               n_frames=args.frames, every=args.every, equilibration_steps=args.equilibration, seed=args.seed,
+               resume=not args.no_resume, progress=not args.quiet, **system)
     print(f"wrote {path}")
     return 0
 
