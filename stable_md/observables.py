@@ -122,8 +122,9 @@ class Observable:
 
     @classmethod
     def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "Observable":
-        """The observable for ``data``'s system; ``bonds`` (None: detected from the data) for bond-based ones."""
-        raise NotImplementedError
+        """The observable for ``data``'s system; by default one of its bond graph, ``cls(bonds)`` (``bonds`` None:
+        detected from the data). Observables of other inputs override this."""
+        return cls(_bonds_of(data, bonds), **options)
     #: what the vector's entries are along (bin centres in Å, or indices), for plots
     x: np.ndarray
     x_label: str = ""
@@ -348,10 +349,6 @@ class MinIntermolecularDistance(Observable):
     x_label = ""
     y_label = "min. intermolecular distance (Å)"
 
-    @classmethod
-    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "MinIntermolecularDistance":
-        return cls(_bonds_of(data, bonds))
-
     def __init__(self, bonds: BondGraph) -> None:
         self.pairs = torch.as_tensor(intermolecular_pairs(bonds))
         self.x = np.zeros(1)
@@ -378,6 +375,20 @@ class LocalObservable(Observable):
         """g_ref ``[K]``: the mean over the data's frames (optionally weighted) and neighbourhoods."""
         return _frame_mean(self.pooled(self(data.positions, data.cells)), weights)
 
+    def _set_molecules(self, bonds: BondGraph) -> np.ndarray:
+        """Make the bond graph's molecules the neighbourhoods (``membership``, ``n_molecules``); returns each atom's
+        molecule index [N]."""
+        from stable_md.stability import molecules_of
+
+        molecules = molecules_of(bonds)
+        molecule_of = np.empty(len(bonds.numbers), dtype=np.int64)
+        self.membership = np.zeros((len(molecules), len(bonds.numbers)), dtype=bool)
+        for k, members in enumerate(molecules):
+            molecule_of[members] = k
+            self.membership[k, members] = True
+        self.n_molecules = len(molecules)
+        return molecule_of
+
     @staticmethod
     def pooled(values: Tensor) -> Tensor:
         """``[F, K]``: the mean over the neighbourhoods of ``values [F, M, K]`` (what logs and plots show)."""
@@ -402,42 +413,30 @@ class LocalBondLengths(LocalObservable):
     x_label = "bond type"
     y_label = "bond length (Å)"
 
-    @classmethod
-    def build(cls, data: Dataset, bonds: Optional[BondGraph] = None, **options) -> "LocalBondLengths":
-        return cls(_bonds_of(data, bonds))
-
     def __init__(self, bonds: BondGraph) -> None:
-        from stable_md.stability import molecules_of
-
         if len(bonds.pairs) == 0:
             raise ValueError("local bond lengths need bonds; none was detected in the reference frames")
-        molecules = molecules_of(bonds)
-        molecule_of = np.empty(len(bonds.numbers), dtype=np.int64)
-        for k, members in enumerate(molecules):
-            molecule_of[members] = k
+        molecule_of = self._set_molecules(bonds)
         types = [_bond_type(bonds.numbers, i, j) for i, j in bonds.pairs]
         self.labels = sorted(set(types))
         per_molecule = [sorted({t for t, (i, _) in zip(types, bonds.pairs) if molecule_of[i] == k})
-                        for k in range(len(molecules))]
+                        for k in range(self.n_molecules)]
         for k, kinds in enumerate(per_molecule):
             if kinds != self.labels:
-                atom = int(molecules[k][0])
+                atom = int(np.flatnonzero(self.membership[k])[0])
                 raise ValueError(f"local bond lengths need molecules that are alike: molecule {k} (atoms from "
                                  f"{atom + 1}, {chemical_symbols[bonds.numbers[atom]]}) has bond types "
                                  f"{kinds or 'none'}, the others {self.labels}")
         self.bonds = bonds
         self.pairs = torch.as_tensor(bonds.pairs)
-        n_molecules, n_types = len(molecules), len(self.labels)
+        n_molecules, n_types = self.n_molecules, len(self.labels)
         # [B] -> one (molecule, type) slot; the mean over each slot's bonds
         slot = torch.as_tensor([molecule_of[i] * n_types + self.labels.index(t)
                                 for t, (i, _) in zip(types, bonds.pairs)])
         counts = torch.zeros(n_molecules * n_types, dtype=torch.float64).index_add_(
             0, slot, torch.ones(len(slot), dtype=torch.float64))
         self._slot, self._counts = slot, counts
-        self.n_molecules, self.n_types = n_molecules, n_types
-        self.membership = np.zeros((n_molecules, len(bonds.numbers)), dtype=bool)
-        for k, members in enumerate(molecules):
-            self.membership[k, members] = True
+        self.n_types = n_types
         self.x = np.arange(n_types)
         self.categories = list(self.labels)
 
@@ -450,6 +449,39 @@ class LocalBondLengths(LocalObservable):
 
     def describe(self) -> dict:
         return {"name": self.name, "molecules": self.n_molecules, "labels": self.labels}
+
+
+class LocalMinIntermolecularDistance(LocalObservable):
+    """Per molecule, the distance (Å) to the nearest atom of another molecule, ``[F, M, 1]``: the local form of
+    the minimum-intermolecular-distance criterion, for liquids whose failures are collisions.
+
+    Molecules are the connected components of the bond graph (at least two); minimum image in a box.
+    """
+
+    name = "local-imd"
+    description = "per molecule, the distance to the nearest atom of another molecule (localized estimator)"
+    x_label = ""
+    y_label = "nearest other molecule (Å)"
+
+    def __init__(self, bonds: BondGraph) -> None:
+        pairs = intermolecular_pairs(bonds)  # refuses a single molecule by name
+        molecule_of = self._set_molecules(bonds)
+        self.pairs = torch.as_tensor(pairs)
+        # each pair counts for both of its molecules
+        self._owners = torch.as_tensor(np.concatenate([molecule_of[pairs[:, 0]], molecule_of[pairs[:, 1]]]))
+        self.x = np.zeros(1)
+
+    def __call__(self, positions, cell=None) -> Tensor:
+        frames = _as_frames(positions)
+        distances = pair_vectors(frames, self.pairs, _as_cells(cell, frames.shape[0])).norm(dim=-1)  # [F, P]
+        both = torch.cat([distances, distances], dim=1)
+        nearest = torch.full((frames.shape[0], self.n_molecules), math.inf, dtype=distances.dtype)
+        index = self._owners.unsqueeze(0).expand_as(both)
+        nearest = nearest.scatter_reduce(1, index, both, reduce="amin", include_self=True)
+        return nearest.unsqueeze(-1)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "molecules": self.n_molecules}
 
 
 def local_observables() -> list[str]:

@@ -229,3 +229,25 @@ def test_the_localized_step_on_two_ranks_is_the_step_of_one(random_water_model, 
     assert two["row"]["local_samples"] == one["row"]["local_samples"] == 160
     assert two["row"]["local_deviation_range"] == pytest.approx(one["row"]["local_deviation_range"])
     torch.testing.assert_close(two["gradient"], one["gradient"], rtol=1e-9, atol=1e-12)
+
+
+def test_local_nearest_other_molecule_of_every_water(water):
+    """local-imd: each water's distance to the nearest atom of another water, by hand with minimum image."""
+    from stable_md.observables import LocalMinIntermolecularDistance
+
+    cell = water.cells[0]
+    observable = LocalMinIntermolecularDistance(detect_bonds(water.numbers, water.positions, cell))
+    frames = water.positions[:3]
+    values = observable(frames, cell)[..., 0].numpy()
+    assert values.shape == (3, 32)
+    inverse = np.linalg.inv(cell)
+    for f in range(3):
+        for m in (0, 17, 31):
+            own = np.arange(3 * m, 3 * m + 3)
+            others = np.setdiff1d(np.arange(96), own)
+            vectors = frames[f][others][None] - frames[f][own][:, None]
+            fractional = vectors @ inverse
+            vectors = (fractional - np.round(fractional)) @ cell
+            assert values[f, m] == pytest.approx(np.linalg.norm(vectors, axis=-1).min(), abs=1e-10)
+    assert 1.4 < float(observable.reference(water)) < 2.2  # a hydrogen bond away
+    assert "local-imd" in local_observables()
