@@ -17,12 +17,14 @@ From SPC/Fw water made here (``stable-md data water``: 32 molecules at 0.997 g/c
 5. writes ``results.md`` and ``results.json`` in the output directory.
 
 Why this scale: 32 molecules run at about 260 replica-steps/s for 8 replicas of this SchNet on one core
-(``stable-md simulate``, measured on this machine), so two models x 8 replicas x 20 ps per evaluation,
-two evaluations on two cores, take about 40 minutes; the paper's 64 molecules would double every stage.
+(``stable-md simulate``, measured on this machine), so two models x 8 replicas x 20 ps per evaluation
+would take about 40 minutes on two cores if every replica stayed stable; the paper's 64 molecules would
+double every stage. Measured on 2026-12-03 (docs/results.md): 29.6 minutes with the data given (pretrain
+12, refine 12, evaluations 5: every replica failed within 2 ps), and 10 minutes to make the data.
 Every stage is an ordinary ``stable-md`` command, printed before it runs and skipped when its output exists,
 so a killed benchmark resumes by running it again. Run from the repository root::
 
-    python benchmarks/water/run.py                        # about 1.5 hours on 2 cores
+    python benchmarks/water/run.py                        # about 40 minutes on 2 cores
     python benchmarks/water/run.py --data water.extxyz    # reuse a data set made with the same settings
     python benchmarks/water/run.py --quick --output /tmp/w  # a few minutes: checks the pipeline
 """
