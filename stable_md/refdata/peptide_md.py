@@ -30,8 +30,11 @@ def capped_alanine_smiles(n_alanines: int) -> str:
 def capped_alanine_heavy_atoms(n_alanines: int = 3, seed: int = 0) -> list[tuple[int, str, str, int, np.ndarray]]:
     """``(residue index, residue name, atom name, atomic number, position Å)`` of the heavy atoms of
     Ac-(Ala)n-NHMe, from an RDKit conformer (ETKDG with ``seed``, MMFF-optimized)."""
-    from rdkit import Chem
-    from rdkit.Chem import AllChem
+    try:
+        from rdkit import Chem
+        from rdkit.Chem import AllChem
+    except ImportError as error:
+        raise ImportError(f"building the peptide needs RDKit: pip install 'stable-md[xtb]' ({error})") from error
 
     if int(n_alanines) != n_alanines or n_alanines < 1:
         raise ValueError(f"the peptide needs at least one alanine, got {n_alanines!r}")
