@@ -126,6 +126,13 @@ class _Engine:
         self.n_atoms = len(masses)  # particles per replica
         self.template = template
         self.model_atoms = None if model_atoms is None else [int(i) for i in model_atoms]
+        # the template's constraints as arrays (first atoms, second atoms, lengths in nm), to tell a written
+        # state off them; None without any
+        self._constraints = None
+        if template is not None and template.getNumConstraints():
+            rows = [template.getConstraintParameters(k) for k in range(template.getNumConstraints())]
+            self._constraints = (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                                 np.array([r[2].value_in_unit(openmm.unit.nanometer) for r in rows]))
         self.box_nm = box_nm
         self.settings = settings
         self.backend = backend
@@ -293,12 +300,8 @@ class PerReplicaEngine(_Engine):
     def _off_constraints(self, positions: np.ndarray, velocities: np.ndarray) -> tuple[bool, bool]:
         """Whether positions [P, 3] nm leave a constraint's length, and velocities [P, 3] nm/ps move along one,
         by more than the integrator's tolerance would leave."""
-        if self.template is None or self.template.getNumConstraints() == 0:
+        if self._constraints is None:
             return False, False
-        if not hasattr(self, "_constraints"):
-            rows = [self.template.getConstraintParameters(k) for k in range(self.template.getNumConstraints())]
-            self._constraints = (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
-                                 np.array([r[2].value_in_unit(openmm.unit.nanometer) for r in rows]))
         i, j, length = self._constraints
         bond = positions[j] - positions[i]
         distance = np.linalg.norm(bond, axis=1)

@@ -299,9 +299,7 @@ def _box_angstrom(topology: app.Topology, system: openmm.System) -> Optional[np.
     """[3, 3] Å: the structure's box, else the System's default box, when the System is periodic."""
     if not system.usesPeriodicBoundaryConditions():
         return None
-    vectors = topology.getPeriodicBoxVectors()
-    if vectors is None:
-        vectors = system.getDefaultPeriodicBoxVectors()
-    rows = [unit.Quantity(row).value_in_unit(unit.nanometer) if unit.is_quantity(row) else row for row in
-            (vectors.value_in_unit(unit.nanometer) if unit.is_quantity(vectors) else vectors)]
-    return np.array([[float(x) for x in row] for row in rows]) * NM_IN_ANGSTROM
+    vectors = topology.getPeriodicBoxVectors()  # one Quantity of Vec3s; the System's, a Quantity per vector
+    rows = (vectors.value_in_unit(unit.nanometer) if vectors is not None
+            else [vector.value_in_unit(unit.nanometer) for vector in system.getDefaultPeriodicBoxVectors()])
+    return np.array([[row.x, row.y, row.z] for row in rows]) * NM_IN_ANGSTROM

@@ -29,7 +29,7 @@ import json
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import openmm
@@ -41,10 +41,8 @@ from openmm_bridge.engines import ENGINES, ReplicaEngine
 from openmm_bridge.forces import BACKENDS, MAX_FORCE_EV_PER_A, ModelCallback
 from openmm_bridge.integrators import openmm_seed
 from openmm_bridge.md_settings import MDSettings
+from openmm_bridge.mm_environment import MMEnvironment, degrees_of_freedom
 from openmm_bridge.reporters import CallbackReporter, Reporter
-
-if TYPE_CHECKING:
-    from openmm_bridge.mm_environment import MMEnvironment
 from stable_md.potentials.base import model_dtype_device
 from stable_md.potentials.model_file import ModelFile, load_model
 from stable_md.units import (ANGSTROM_PER_FS_IN_NM_PER_PS, KB_EV_PER_K, KB_KJ_PER_MOL_K, KJ_PER_MOL_IN_EV,
@@ -150,7 +148,7 @@ class ReplicaSet:
                  friction: float = 1.0, collision_frequency: float = 10.0, seed: int = 0,
                  velocities: Optional[np.ndarray] = None, mode: str = "batched", backend: str = "python",
                  platform: Optional[str] = None, device: str = "cpu", masses: Optional[Sequence[float]] = None,
-                 check_interval: int = DEFAULT_CHECK_INTERVAL, environment: Optional["MMEnvironment"] = None
+                 check_interval: int = DEFAULT_CHECK_INTERVAL, environment: Optional[MMEnvironment] = None
                  ) -> None:
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model, device=device)
@@ -190,8 +188,7 @@ class ReplicaSet:
         template = None if environment is None else environment.template(self.model)
         model_atoms = None if environment is None else environment.model_atoms
         # what temperatures are measured over: the model's atoms (3N - 3), or OpenMM's count for the mixed System
-        self._degrees_of_freedom = (None if template is None
-                                    else _environment_module().degrees_of_freedom(template))
+        self._degrees_of_freedom = None if template is None else degrees_of_freedom(template)
         self._engine: ReplicaEngine = ENGINES[mode](self.model, self.numbers, self.masses, self.n_replicas, box_nm,
                                                     self.settings, backend, self.settings.platform, device,
                                                     template=template, model_atoms=model_atoms)
@@ -631,12 +628,6 @@ def maxwell_boltzmann(masses: np.ndarray, n_replicas: int, temperature: float, s
         velocities -= com
         velocities[:, masses == 0] = 0.0
     return velocities / ANGSTROM_PER_FS_IN_NM_PER_PS
-
-
-def _environment_module():
-    from openmm_bridge import mm_environment
-
-    return mm_environment
 
 
 def _check_environment(environment, numbers: np.ndarray, cell, masses, mode: str, backend: str) -> None:

@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_refine_parser(commands) -> None:
     from stable_md.observables import OBSERVABLES
+    from stable_md.refinement import ESTIMATORS
 
     p = commands.add_parser(
         "refine", help="StABlE training: make a model stable in MD without new QM data",
@@ -398,7 +399,7 @@ def _add_refine_parser(commands) -> None:
     p.add_argument("--obs", action="append", choices=sorted(OBSERVABLES), default=None,
                    help="observable to match, repeatable: " + "; ".join(f"{k}: {v.description}" for k, v in OBSERVABLES.items())
                         + " (default: hr; local-bonds with --estimator local)")
-    p.add_argument("--estimator", choices=["global", "local"], default="global",
+    p.add_argument("--estimator", choices=list(ESTIMATORS), default="global",
                    help="global (default): the Boltzmann estimator over whole frames; local: the localized estimator "
                         "(the paper's for water): every molecule of every sample is a neighbourhood with its own "
                         "energy and observable, and a balanced selection of them (--local-bins, --local-per-bin) "
