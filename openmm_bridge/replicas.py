@@ -620,8 +620,9 @@ def maxwell_boltzmann(masses: np.ndarray, n_replicas: int, temperature: float, s
     Massless particles (virtual sites) stay at rest."""
     masses = np.asarray(masses, dtype=np.float64)
     rng = np.random.default_rng(openmm_seed(seed, 7))
-    inverse = np.divide(1.0, masses, out=np.zeros_like(masses), where=masses > 0)
-    sigma = np.sqrt(KB_KJ_PER_MOL_K * temperature * inverse)[None, :, None]  # nm/ps
+    # kT / m as before massless particles were allowed, so that every draw stays bit for bit what it was
+    variance = np.divide(KB_KJ_PER_MOL_K * temperature, masses, out=np.zeros_like(masses), where=masses > 0)
+    sigma = np.sqrt(variance)[None, :, None]  # nm/ps
     velocities = rng.standard_normal((int(n_replicas), len(masses), 3)) * sigma
     if len(masses) > 1:
         com = (velocities * masses[None, :, None]).sum(axis=1, keepdims=True) / masses.sum()
