@@ -53,6 +53,11 @@ class LabelledSimulation:
         forces = np.asarray(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.angstrom))
         return positions, float(energy), forces * self.ev_per_kj_mol
 
+    def velocities(self) -> np.ndarray:
+        """Velocities [N, 3] in Å/fs (LangevinMiddle's: half a step behind the positions)."""
+        state = self.context.getState(getVelocities=True)
+        return np.asarray(state.getVelocities(asNumpy=True).value_in_unit(unit.angstrom / unit.femtosecond))
+
     def checkpoint(self) -> bytes:
         """The Context's exact state (positions, velocities, random stream)."""
         return self.context.createCheckpoint()

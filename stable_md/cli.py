@@ -582,6 +582,9 @@ def _add_labelled_md_options(p: argparse.ArgumentParser, temperature: float, tim
                    help=f"unstored equilibration steps (default: 20000 = {20000 * timestep / 1000:g} ps at "
                         f"{timestep:g} fs)")
     p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
+    p.add_argument("--dense-frames", type=int, default=200,
+                   help="frames one step apart with velocities after the regular ones, marked md_segment=dense: the "
+                        "reference VACF that evaluate compares against; never training data (default: 200; 0: none)")
     p.add_argument("--no-resume", action="store_true", help="fail if the output exists instead of continuing it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -905,10 +908,12 @@ def _run_openmm_generator(args: argparse.Namespace, kind: str, module: str, func
         raise ImportError(f"data {kind} needs OpenMM: pip install 'stable-md[openmm]' ({error})") from error
     if args.equilibration < 0:
         raise ValueError(f"--equilibration must be >= 0 steps, got {args.equilibration}")
+    if args.dense_frames < 0:
+        raise ValueError(f"--dense-frames must be >= 0 frames, got {args.dense_frames}")
     _check_xyz_output(args.output)
     path = run(args.output, temperature=args.temperature, timestep_fs=args.timestep, friction=args.friction,
                n_frames=args.frames, every=args.every, equilibration_steps=args.equilibration, seed=args.seed,
-               resume=not args.no_resume, progress=not args.quiet, **system)
+               resume=not args.no_resume, progress=not args.quiet, dense_frames=args.dense_frames, **system)
     print(f"wrote {path}")
     return 0
 
@@ -920,8 +925,9 @@ def _data_convert(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; refusing to overwrite it (use --overwrite)")
     data = concatenate([load_dataset(path, units=args.units) for path in args.inputs])
-    save_dataset(data, output)
-    print(f"wrote {output}: {len(data)} frames of {data.n_atoms} atoms ({output.stat().st_size / 1e6:.1f} MB)")
+    save_dataset(data, output, overwrite=args.overwrite)
+    dense = f" and a dense segment of {len(data.dense)} frames" if data.dense is not None else ""
+    print(f"wrote {output}: {len(data)} frames of {data.n_atoms} atoms{dense} ({output.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

@@ -41,6 +41,12 @@ class Dataset:
         path or working directory names the file.
     times_fs: ``[F]`` simulated time of each frame in fs when the file records it (``md_time_fs``, as
         ``stable-md data`` writes), else ``None``: frames of one MD trajectory give reference dynamics.
+    velocities: ``[F, N, 3]`` Å/fs when every frame records them (``momenta`` in extended XYZ, ``V`` in
+        ``.npz``), else ``None``.
+    dense: the file's dense segment, if it has one: frames written at every MD step after the regular ones
+        (``md_segment=dense`` in extended XYZ, ``dense_*`` keys in ``.npz``), with ``times_fs`` and
+        ``velocities``. It is the reference for velocity autocorrelation functions; it is not part of the
+        frames (training, splits and reference observables never see it) and subsets keep it.
     """
 
     positions: np.ndarray
@@ -52,6 +58,8 @@ class Dataset:
     indices: np.ndarray = field(default=None)  # type: ignore[assignment]
     origin: Optional[dict] = None
     times_fs: Optional[np.ndarray] = None
+    velocities: Optional[np.ndarray] = None
+    dense: Optional["Dataset"] = None
 
     def __post_init__(self) -> None:
         self.positions = np.asarray(self.positions, dtype=np.float64)
@@ -62,6 +70,8 @@ class Dataset:
             self.cells = np.asarray(self.cells, dtype=np.float64)
         if self.times_fs is not None:
             self.times_fs = np.asarray(self.times_fs, dtype=np.float64).reshape(-1)
+        if self.velocities is not None:
+            self.velocities = np.asarray(self.velocities, dtype=np.float64)
         if self.indices is None:
             self.indices = np.arange(len(self.positions))
         self.indices = np.asarray(self.indices, dtype=np.int64)
@@ -103,6 +113,8 @@ class Dataset:
             indices=self.indices[picked],
             origin=self.origin,
             times_fs=None if self.times_fs is None else self.times_fs[picked],
+            velocities=None if self.velocities is None else self.velocities[picked],
+            dense=self.dense,
         )
 
     def first(self, n: int) -> "Dataset":
@@ -142,6 +154,12 @@ class Dataset:
         if self.cells is not None:
             atoms.cell = self.cells[frame]
             atoms.pbc = True
+        if self.velocities is not None:
+            from ase.units import fs
+
+            atoms.set_velocities(self.velocities[frame] / fs)  # ASE's time unit is 1/ase.units.fs fs
+        if self.times_fs is not None:
+            atoms.info["md_time_fs"] = float(self.times_fs[frame])
         atoms.calc = SinglePointCalculator(atoms, energy=float(self.energies[frame]),
                                            forces=self.forces[frame].copy())
         return atoms
@@ -156,6 +174,11 @@ class Dataset:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite it")
         frames = [self.to_atoms(i) for i in range(len(self))]
+        if self.dense is not None:
+            for k in range(len(self.dense)):
+                atoms = self.dense.to_atoms(k)
+                atoms.info[SEGMENT_KEY] = DENSE_SEGMENT
+                frames.append(atoms)
         atomic_write(path, lambda tmp: write(str(tmp), frames, format="extxyz"))
         return path
 
@@ -164,7 +187,9 @@ class Dataset:
 
         Keys ``R`` (Å, float32), ``z``, ``E`` (kcal/mol, float64), ``F`` (kcal/mol/Å, float32),
         so that :func:`load_dataset` reads it with its ``.npz`` default units. float32
-        keeps positions to about 1e-6 Å and forces to about 1e-6 relative.
+        keeps positions to about 1e-6 Å and forces to about 1e-6 relative. Velocities and times, when
+        present, go to ``V`` (Å/fs, float32) and ``t`` (fs); the dense segment to the same keys prefixed
+        with ``dense_``.
         """
         from stable_md.files import atomic_write
 
@@ -175,9 +200,9 @@ class Dataset:
             raise ValueError(f"{path}: MD17-style .npz holds molecules; write periodic boxes as extended XYZ")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite it")
-        per_kcal = 1.0 / energy_factor("kcal/mol")
-        arrays = {"R": self.positions.astype(np.float32), "z": self.numbers.astype(np.int64),
-                  "E": self.energies * per_kcal, "F": (self.forces * per_kcal).astype(np.float32)}
+        arrays = _md17_arrays(self)
+        if self.dense is not None:
+            arrays.update({DENSE_PREFIX + key: value for key, value in _md17_arrays(self.dense).items() if key != "z"})
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
@@ -188,6 +213,20 @@ class Dataset:
 
 
 SAVE_SUFFIXES = (".npz", ".extxyz", ".xyz")
+SEGMENT_KEY, DENSE_SEGMENT = "md_segment", "dense"
+DENSE_PREFIX = "dense_"
+
+
+def _md17_arrays(data: Dataset) -> dict[str, np.ndarray]:
+    """The MD17-style arrays of ``data``'s frames: R, z, E, F, and V, t when it has them."""
+    per_kcal = 1.0 / energy_factor("kcal/mol")
+    arrays = {"R": data.positions.astype(np.float32), "z": data.numbers.astype(np.int64),
+              "E": data.energies * per_kcal, "F": (data.forces * per_kcal).astype(np.float32)}
+    if data.velocities is not None:
+        arrays["V"] = data.velocities.astype(np.float32)
+    if data.times_fs is not None:
+        arrays["t"] = data.times_fs
+    return arrays
 
 
 def save_dataset(data: Dataset, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -203,10 +242,13 @@ def save_dataset(data: Dataset, path: str | os.PathLike, overwrite: bool = False
 
 
 def concatenate(datasets: Sequence[Dataset]) -> Dataset:
-    """The frames of several data sets of the same atoms, one after another (indices renumbered 0..F-1)."""
+    """The frames of several data sets of the same atoms, one after another (indices renumbered 0..F-1); one data
+    set is returned as it is (frame times included)."""
     if not datasets:
         raise ValueError("nothing to concatenate")
     first = datasets[0]
+    if len(datasets) == 1:
+        return first
     for other in datasets[1:]:
         if not np.array_equal(other.numbers, first.numbers):
             raise DataError(f"{other.source} holds other atoms than {first.source}; only data sets of the same atoms "
@@ -217,7 +259,11 @@ def concatenate(datasets: Sequence[Dataset]) -> Dataset:
         positions=np.concatenate([d.positions for d in datasets]), numbers=first.numbers,
         energies=np.concatenate([d.energies for d in datasets]), forces=np.concatenate([d.forces for d in datasets]),
         cells=np.concatenate([d.cells for d in datasets]) if first.periodic else None,
-        source=" + ".join(d.source for d in datasets) if len(datasets) > 1 else first.source)
+        source=" + ".join(d.source for d in datasets) if len(datasets) > 1 else first.source,
+        velocities=(np.concatenate([d.velocities for d in datasets])
+                    if all(d.velocities is not None for d in datasets) else None),
+        # one trajectory's dense segment is the reference for all (their times restart, so none is kept)
+        dense=next((d.dense for d in datasets if d.dense is not None), None))
 
 
 def validate(data: Dataset) -> None:
@@ -237,10 +283,20 @@ def validate(data: Dataset) -> None:
         raise DataError(f"{name}: forces have shape {data.forces.shape}, positions {data.positions.shape}")
     if data.cells is not None and data.cells.shape != (n_frames, 3, 3):
         raise DataError(f"{name}: cells must have shape [{n_frames}, 3, 3], got {data.cells.shape}")
+    if data.times_fs is not None and data.times_fs.shape != (n_frames,):
+        raise DataError(f"{name}: expected {n_frames} frame times, got {data.times_fs.shape[0]}")
+    if data.velocities is not None and data.velocities.shape != data.positions.shape:
+        raise DataError(f"{name}: velocities have shape {data.velocities.shape}, positions {data.positions.shape}")
+    if data.dense is not None:
+        if not np.array_equal(data.dense.numbers, data.numbers):
+            raise DataError(f"{name}: its dense segment holds other atoms than its frames")
+        if data.dense.velocities is None or data.dense.times_fs is None:
+            raise DataError(f"{name}: its dense segment needs velocities and times (md_time_fs) in every frame")
     if (data.numbers < 1).any() or (data.numbers > 118).any():
         raise DataError(f"{name}: atomic numbers must lie in 1..118")
     for label, values in (("positions", data.positions), ("energies", data.energies),
-                          ("forces", data.forces), ("cells", data.cells)):
+                          ("forces", data.forces), ("cells", data.cells), ("velocities", data.velocities),
+                          ("times", data.times_fs)):
         if values is None:
             continue
         bad = ~np.isfinite(values.reshape(n_frames, -1)).all(axis=1)
@@ -279,29 +335,43 @@ def load_dataset(path: str | os.PathLike, units: Optional[str] = None, energy_ke
 
 
 def _load_md17(path: Path, units: str) -> Dataset:
-    factor = energy_factor(units)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable .npz archive ({error})") from error
     with archive:
-        missing = [key for key in ("R", "z", "E", "F") if key not in archive.files]
-        if missing:
-            raise DataError(f"{path}: missing key(s) {missing}; MD17-style files need R, z, E, F "
-                            f"(found {sorted(archive.files)})")
-        positions = np.asarray(archive["R"], dtype=np.float64)
-        numbers = np.asarray(archive["z"]).reshape(-1)
-        energies = np.asarray(archive["E"], dtype=np.float64)
-        forces = np.asarray(archive["F"], dtype=np.float64)
+        arrays = {key: np.asarray(archive[key]) for key in archive.files}
+    missing = [key for key in ("R", "z", "E", "F") if key not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; MD17-style files need R, z, E, F "
+                        f"(found {sorted(arrays)})")
+    data = _md17_frames(path, arrays, "", arrays["z"], units)
+    dense = {key for key in arrays if key.startswith(DENSE_PREFIX)}
+    if dense:
+        needed = [DENSE_PREFIX + key for key in ("R", "E", "F", "V", "t")]
+        if dense != set(needed):
+            raise DataError(f"{path}: a dense segment needs the keys {needed}, found {sorted(dense)}")
+        data.dense = _md17_frames(path, arrays, DENSE_PREFIX, arrays["z"], units)
+        validate(data)
+    return data
+
+
+def _md17_frames(path: Path, arrays: dict, prefix: str, numbers: np.ndarray, units: str) -> Dataset:
+    """The frames of the MD17 keys ``prefix`` + R, E, F (and V, t when present) of ``arrays``."""
+    factor = energy_factor(units)
+    positions = np.asarray(arrays[prefix + "R"], dtype=np.float64)
+    energies = np.asarray(arrays[prefix + "E"], dtype=np.float64)
+    forces = np.asarray(arrays[prefix + "F"], dtype=np.float64)
     if energies.ndim == 2 and energies.shape[1] == 1:
         energies = energies[:, 0]
     if energies.ndim != 1:
-        raise DataError(f"{path}: E must have shape [frames] or [frames, 1], got {energies.shape}")
+        raise DataError(f"{path}: {prefix}E must have shape [frames] or [frames, 1], got {energies.shape}")
     if positions.ndim != 3 or positions.shape[0] != energies.shape[0]:
-        raise DataError(f"{path}: R has shape {positions.shape}; expected [{energies.shape[0]}, atoms, 3] "
-                        f"to match E")
-    return Dataset(positions=positions, numbers=numbers, energies=energies * factor,
-                   forces=forces * factor, source=str(path))
+        raise DataError(f"{path}: {prefix}R has shape {positions.shape}; expected [{energies.shape[0]}, atoms, 3] "
+                        f"to match {prefix}E")
+    return Dataset(positions=positions, numbers=np.asarray(numbers).reshape(-1), energies=energies * factor,
+                   forces=forces * factor, source=str(path),
+                   velocities=arrays.get(prefix + "V"), times_fs=arrays.get(prefix + "t"))
 
 
 def frames_fingerprint(data: Dataset) -> str:
@@ -370,13 +440,28 @@ def read_ase_frames(path: Path, index: str | slice = ":", noun: str = "frames") 
 
 
 def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: str | slice) -> Dataset:
-    factor = energy_factor(units)
     frames = read_ase_frames(path, index)
-    first = frames[0]
+    regular = [(k, atoms) for k, atoms in enumerate(frames) if atoms.info.get(SEGMENT_KEY) != DENSE_SEGMENT]
+    dense = [(k, atoms) for k, atoms in enumerate(frames) if atoms.info.get(SEGMENT_KEY) == DENSE_SEGMENT]
+    if not regular:
+        raise DataError(f"{path}: holds only a dense segment ({SEGMENT_KEY}={DENSE_SEGMENT}), no frames")
+    data = _ase_frames(path, regular, frames[0], units, energy_key, forces_key)
+    if dense:
+        data.dense = _ase_frames(path, dense, frames[0], units, energy_key, forces_key)
+        validate(data)
+    return data
+
+
+def _ase_frames(path: Path, frames: list, first, units: str, energy_key: str, forces_key: str) -> Dataset:
+    """A Dataset of ``frames``, (index in the file, ase.Atoms) of ``path``, checked against ``first``, the file's
+    first frame."""
+    from ase.units import fs
+
+    factor = energy_factor(units)
     numbers = first.numbers.copy()
     periodic = _periodicity(path, first, 0)
-    positions, energies, forces, cells, times = [], [], [], [], []
-    for k, atoms in enumerate(frames):
+    positions, energies, forces, cells, times, velocities = [], [], [], [], [], []
+    for k, atoms in frames:
         if len(atoms) != len(numbers) or not np.array_equal(atoms.numbers, numbers):
             raise DataError(
                 f"{path}: frame {k} has atoms {atoms.get_chemical_formula(mode='all')}, "
@@ -391,11 +476,14 @@ def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: s
         if periodic:
             cells.append(np.asarray(atoms.cell))
         times.append(atoms.info.get("md_time_fs"))
+        velocities.append(atoms.get_velocities() * fs if "momenta" in atoms.arrays else None)
     timed = all(isinstance(t, (int, float)) and np.isfinite(t) for t in times)
+    moving = all(v is not None for v in velocities)
     return Dataset(
         positions=np.array(positions), numbers=numbers, energies=np.array(energies) * factor,
         forces=np.array(forces) * factor, cells=np.array(cells) if periodic else None, source=str(path),
         times_fs=np.array(times, dtype=np.float64) if timed else None,
+        velocities=np.array(velocities) if moving else None,
     )
 
 

@@ -46,6 +46,7 @@ from stable_md.observables import (Observable, binned_observables, diffusion_coe
 from stable_md.potentials.base import check_finite_predictions
 from stable_md.files import RunLayout, file_sha256, write_json
 from stable_md.potentials.model_file import load_model, read_metadata
+from stable_md.reference_dynamics import reference_diffusion, reference_vacf, vacf_error
 from stable_md.reweighting import temperature_weights
 from stable_md.stability import BondGraph, Criterion, CriterionInputs, default_threshold, detect_bonds, make_criterion
 from stable_md.structures import spread_indices
@@ -213,8 +214,11 @@ def evaluate(models: Sequence[str | os.PathLike], data: str | os.PathLike | Data
                for model, label in zip(models, labels)]
     report = {"settings": flat_record(settings), **plan, "reference_curve": {"x": observable.x.tolist(),
                                                                          "values": reference.tolist()},
-              "reference_diffusion": reference_diffusion(dataset),
+              "reference_diffusion": reference_diffusion(dataset), "reference_vacf": reference_vacf(dataset),
               "models": results, "comparisons": survival_statistics(results, settings)}
+    if report["reference_vacf"] is not None:
+        report["reference_vacf"]["errors"] = {result["label"]: vacf_error(result.get("vacf"), report["reference_vacf"])
+                                              for result in results}
     report["figures"] = [str(p) for p in _figures(report, observable, directory)]
     write_json(directory / REPORT_NAME, report)
     return report
@@ -299,10 +303,24 @@ def summary_table(report: dict) -> list[str]:
     lines.append(f"(stable times are right-censored at the {total:g} ps evaluated: Kaplan-Meier medians, RMST = "
                  f"restricted mean up to {total:g} ps; ratios (×) and log-rank p against {rows[0][0]}; ≥ marks a "
                  f"median reached by the cap, > {total:g} a bound the data cannot give)")
-    diffusion = _diffusion_line(report)
-    if diffusion:
-        lines.append(diffusion)
+    for line in (_vacf_line(report), _diffusion_line(report)):
+        if line:
+            lines.append(line)
     return lines
+
+
+def _vacf_line(report: dict) -> Optional[str]:
+    """Each model's VACF against the data's dense segment, when the data has one."""
+    reference = report.get("reference_vacf")
+    if not reference:
+        return None
+    parts = []
+    for label, error in reference["errors"].items():
+        parts.append(f"{label} n/a" if error is None else f"{label} {error['mean_abs']:.3f}")
+    lags = [error["max_lag_fs"] for error in reference["errors"].values() if error]
+    span = f" over lags 0-{max(lags):g} fs" if lags else ""
+    return (f"VACF against the data's ({reference['frames']} frames {reference['interval_fs']:g} fs apart), mean "
+            f"|C - C_data|{span}: " + "; ".join(parts))
 
 
 def _diffusion_line(report: dict) -> Optional[str]:
@@ -598,40 +616,6 @@ def _diffusion_values(unwrapped: list[np.ndarray], samples: np.ndarray, s: Evalu
     return values
 
 
-def reference_diffusion(data: Dataset, min_frames: int = 20) -> Optional[dict]:
-    """The heavy atoms' self-diffusion coefficient (m²/s) of the data's own trajectory, the way evaluate measures
-    a model's: the longest run of consecutive frames evenly spaced in time (``data.times_fs``) of a periodic box,
-    unwrapped by minimum-image steps, MSD up to half its length. None for molecules, frames without times, or
-    fewer than ``min_frames`` frames in one run."""
-    if data.cells is None or data.times_fs is None or len(data) < min_frames:
-        return None
-    steps = np.diff(data.times_fs)
-    spacing = float(np.median(steps))
-    if not spacing > 0:
-        return None
-    regular = np.abs(steps - spacing) <= 1e-6 * spacing
-    best_start, best_length, start = 0, 0, 0
-    for k in range(len(regular) + 1):
-        if k == len(regular) or not regular[k]:
-            if k - start > best_length:
-                best_start, best_length = start, k - start
-            start = k + 1
-    n_frames = best_length + 1
-    if n_frames < min_frames:
-        return None
-    heavy = np.flatnonzero(data.numbers > 1)
-    positions = data.positions[best_start:best_start + n_frames][:, heavy]
-    cell = data.cells[best_start]
-    moves = np.diff(positions, axis=0)
-    fractional = moves @ np.linalg.inv(cell)
-    moves = (fractional - np.round(fractional)) @ cell
-    trajectory = np.concatenate([positions[:1], positions[:1] + np.cumsum(moves, axis=0)])
-    msd = mean_squared_displacement(trajectory, max_lag=n_frames // 2)
-    return {"m2_per_s": float(diffusion_coefficient(msd, spacing)), "frames": int(n_frames),
-            "frame_interval_fs": spacing,
-            "definition": "heavy atoms of the data's longest evenly spaced run of frames, MSD up to half its length"}
-
-
 def _diffusion(values: list[float], s: EvaluateSettings) -> Optional[dict]:
     """Mean and spread of the replicas' self-diffusion coefficients (m²/s)."""
     interval = s.check_every * s.md.timestep
@@ -693,5 +677,5 @@ def _figures(report: dict, observable, directory: Path) -> list[Path]:
                                              panels=observable.panels(), categories=observable.categories))
     vacfs = {r["label"]: r["vacf"] for r in results if r.get("vacf")}
     if vacfs:
-        paths.append(plots.vacf_figure(vacfs, directory / "vacf.png"))
+        paths.append(plots.vacf_figure(vacfs, directory / "vacf.png", reference=report.get("reference_vacf")))
     return paths

@@ -203,10 +203,16 @@ def stable_time_figure(times: dict[str, Sequence[float]], total_ps: float, path:
     return _save(plt, fig, path)
 
 
-def vacf_figure(curves: dict[str, dict], path: Path) -> Path:
-    """Velocity autocorrelation (normalised) of each model, mean ± one standard deviation over replicas."""
+def vacf_figure(curves: dict[str, dict], path: Path, reference: Optional[dict] = None) -> Path:
+    """Velocity autocorrelation (normalised) of each model, mean ± one standard deviation over replicas, and the
+    data's own (``reference``: evaluate's ``reference_vacf``) up to the models' longest lag, when given."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if reference:
+        longest = max(curve["lag_fs"][-1] for curve in curves.values())
+        lag, values = np.asarray(reference["lag_fs"]), np.asarray(reference["values"])
+        shown = lag <= longest + 1e-9
+        ax.plot(lag[shown], values[shown], color="black", lw=1.4, ls="--", label="data")
     for k, (label, curve) in enumerate(curves.items()):
         lag, mean, std = (np.asarray(curve[key]) for key in ("lag_fs", "mean", "std"))
         colour = _colours(plt)[k % 10]

@@ -169,6 +169,11 @@ def test_convert_to_md17_npz_round_trips(tmp_path, capsys, ethanol_path):
     assert np.allclose(back.forces, both.forces, atol=1e-5)
     assert main(["data", "convert", str(ethanol_path), "-o", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # --overwrite replaces it (it used to stop at the same refusal); one file keeps its frame times and velocities
+    assert main(["data", "convert", str(ethanol_path), "-o", str(out), "--overwrite"]) == 0
+    one = load_dataset(out)
+    assert len(one) == 500 and np.allclose(one.times_fs, source.times_fs)
+    assert np.allclose(one.velocities, source.velocities, atol=1e-6)
     assert main(["data", "convert", str(ethanol_path), str(tmp_path / "missing.xyz"), "-o",
                  str(tmp_path / "b.npz")]) == 2
     assert "missing.xyz" in capsys.readouterr().err

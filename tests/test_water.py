@@ -16,7 +16,7 @@ SMALL = dict(n_molecules=32, n_frames=12, every=20, equilibration_steps=500, pro
 
 @pytest.fixture(scope="module")
 def water_file(tmp_path_factory):
-    return run_water_md(tmp_path_factory.mktemp("water") / "water.extxyz", **SMALL)
+    return run_water_md(tmp_path_factory.mktemp("water") / "water.extxyz", **SMALL, dense_frames=40)
 
 
 def test_water_frames_are_labelled_spcfw(water_file):
@@ -48,6 +48,37 @@ def test_water_run_resumes_and_drops_a_torn_frame(tmp_path):
         run_water_md(path, **{**SMALL, "n_frames": 8}, temperature=350.0)
     with pytest.raises(FileExistsError):
         run_water_md(path, **SMALL, resume=False)
+
+
+def test_the_dense_segment_follows_the_frames_and_resumes(tmp_path, water_file):
+    """The dense segment continues the trajectory one step at a time with velocities; the frames before it are
+    the file a run without it writes, and a run killed inside it resumes to the same file."""
+    data = load_dataset(water_file)
+    assert len(data) == 12 and len(data.dense) == 40  # the frames stay the frames
+    np.testing.assert_allclose(data.dense.times_fs, 12 * 20 * 1.0 + np.arange(1, 41))
+    # Velocities in Å/fs: LangevinMiddle's velocity of a frame is its last step's displacement per fs, up to the
+    # thermostat's kick in the middle of the step (2.6 % of the norm here; 6 % is the margin).
+    steps = np.diff(data.dense.positions, axis=0)
+    length = data.cells[0][0, 0]
+    steps -= length * np.round(steps / length)  # frames are wrapped into the box
+    velocities = data.dense.velocities[1:]
+    assert np.linalg.norm(steps / 1.0 - velocities) < 0.06 * np.linalg.norm(velocities)
+    plain = run_water_md(tmp_path / "plain.extxyz", **SMALL)
+    text = water_file.read_text()
+    assert text.startswith(plain.read_text()) and "md_segment" not in plain.read_text()
+    # A run stopped after 10 dense frames and one torn frame, then resumed, writes the same frames (OpenMM's CPU
+    # platform continues a checkpoint to rounding, not bit for bit: 1e-8 relative in the energies here).
+    torn = tmp_path / "torn.extxyz"
+    run_water_md(torn, **SMALL, dense_frames=10)
+    with open(torn, "a") as handle:
+        handle.write("96\nLattice=\"1 0 0")
+    run_water_md(torn, **SMALL, dense_frames=40)
+    resumed = load_dataset(torn)
+    assert len(resumed) == 12 and len(resumed.dense) == 40
+    for name in ("positions", "velocities", "energies", "times_fs"):
+        np.testing.assert_allclose(getattr(resumed.dense, name), getattr(data.dense, name), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="already ends with its dense segment after 12 frames"):
+        run_water_md(torn, **{**SMALL, "n_frames": 14}, dense_frames=40)
 
 
 def test_evaluate_a_water_model_with_the_rdf_criterion(tmp_path, water_file):
@@ -87,6 +118,17 @@ def test_evaluate_a_water_model_with_the_rdf_criterion(tmp_path, water_file):
     assert diffusion is not None and diffusion["frame_interval_fs"] == 5.0
     assert np.isfinite(diffusion["mean_m2_per_s"]) and diffusion["mean_m2_per_s"] > 0
     assert (tmp_path / "eval" / "rdf.png").exists()
+    # The data's dense segment (40 frames 1 fs apart) is the VACF reference: 20 lags of 1 fs cover the model's
+    # 10 lags of 0.5 fs, and the line evaluate prints names the error.
+    reference = report["reference_vacf"]
+    assert reference["frames"] == 40 and reference["interval_fs"] == 1.0 and len(reference["lag_fs"]) == 20
+    error = reference["errors"]["water"]
+    assert error["lags"] == 10 and error["max_lag_fs"] == 4.5 and 0 <= error["mean_abs"] < 1
+    from stable_md.evaluation import summary_table
+
+    assert any(line.startswith("VACF against the data's (40 frames 1 fs apart), mean |C - C_data| over lags 0-4.5 fs: "
+                               f"water {error['mean_abs']:.3f}") for line in summary_table(report))
+    assert (tmp_path / "eval" / "vacf.png").exists()
     # The periodic box split over two processes (one replica each): the same verdicts, the MSD's diffusivities and
     # the RDFs from the displacements and samples each process kept (float32 batches of 1 instead of 2 round
     # differently, so to 1e-3 relative, and 1e-4 on RDF values of order 1).

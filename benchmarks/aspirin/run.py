@@ -99,6 +99,13 @@ def run_parallel(tasks: list[tuple[list[str], Path, Path | None, Path | None]], 
                                      f"see {_log_path(log_directory, output)}")
 
 
+def output_directories(path: str) -> tuple[Path, Path]:
+    """The benchmark's output directory (absolute) and its ``logs`` folder, made if missing."""
+    out = Path(path).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    return out, out / "logs"
+
+
 def _size_label(frames: int) -> str:
     """``1000`` -> ``1k``, ``10000`` -> ``10k``, ``200`` -> ``200``: the models' labels and file names."""
     return f"{frames // 1000}k" if frames and frames % 1000 == 0 else str(frames)
@@ -136,9 +143,7 @@ def main() -> int:
                         help="also refine with these extra refine flags and evaluate it at 500 K beside the "
                              "default refine, e.g. 'lr3e-4=--lr 3e-4' (repeatable)")
     args = parser.parse_args()
-    out = Path(args.output).resolve()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    out, logs = output_directories(args.output)
     quick = args.quick
     replicas = "8" if quick else str(args.replicas)
     eval_time = "0.5ps" if quick else args.time

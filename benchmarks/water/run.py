@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from aspirin.run import run_parallel, stable_md  # noqa: E402  (the same stage runner)
+from aspirin.run import output_directories, run_parallel, stable_md  # noqa: E402  (the same stage runner)
 
 REPO = Path(__file__).resolve().parents[2]
 MOLECULES, FRAMES, EVERY_FS = 32, 2000, 100
@@ -69,9 +69,7 @@ def main() -> int:
     parser.add_argument("--time", default="20ps", help="evaluation time per replica (default 20ps)")
     parser.add_argument("--refine-epochs", type=int, default=30, help="refine's learning-epoch budget (default 30)")
     args = parser.parse_args()
-    out = Path(args.output).resolve()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    out, logs = output_directories(args.output)
     quick = args.quick
     started = time.perf_counter()
 
@@ -81,7 +79,7 @@ def main() -> int:
                             "200" if quick else str(FRAMES), "--every", str(EVERY_FS), "--quiet")
         run_parallel([(command, data, None, None)], logs, slots=1)
     from stable_md.data import load_dataset
-    from stable_md.evaluation import reference_diffusion
+    from stable_md.reference_dynamics import reference_diffusion
 
     d_reference = reference_diffusion(load_dataset(data))["m2_per_s"]
 

@@ -59,11 +59,13 @@ def capped_alanine_heavy_atoms(n_alanines: int = 3, seed: int = 0) -> list[tuple
 def run_peptide_md(output: str | os.PathLike, n_alanines: int = 3, solvent: str = "vacuum",
                    temperature: float = 500.0, timestep_fs: float = 0.5, friction: float = 1.0,
                    n_frames: int = 2000, every: int = 100, equilibration_steps: int = 20_000, seed: int = 0,
-                   resume: bool = True, progress: bool = True, platform: str = "CPU") -> Path:
+                   resume: bool = True, progress: bool = True, platform: str = "CPU",
+                   dense_frames: int = 0) -> Path:
     """Simulate Ac-(Ala)n-NHMe under Amber14 and write ``n_frames`` labelled frames to ``output`` (extended XYZ).
 
     Units: K, fs, 1/ps (friction). With ``resume`` an existing output of the same settings is continued from its
-    checkpoint; otherwise an existing file is refused.
+    checkpoint; otherwise an existing file is refused. ``dense_frames`` frames one step apart with velocities
+    follow the regular ones (the dense segment: the reference VACF).
     """
     from openmm_bridge.peptide import SOLVENTS, PeptideSimulation
 
@@ -75,4 +77,4 @@ def run_peptide_md(output: str | os.PathLike, n_alanines: int = 3, solvent: str 
                                 friction, seed, platform)
     return run_labelled_md(peptide, Path(output), settings, n_frames, equilibration_steps, resume, progress,
                            f"Ac-(Ala){n_alanines}-NHMe",
-                           lambda: f"Ac-(Ala){n_alanines}-NHMe (--alanines {n_alanines})")
+                           lambda: f"Ac-(Ala){n_alanines}-NHMe (--alanines {n_alanines})", dense_frames)
