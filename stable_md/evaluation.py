@@ -303,13 +303,13 @@ def summary_table(report: dict) -> list[str]:
     lines.append(f"(stable times are right-censored at the {total:g} ps evaluated: Kaplan-Meier medians, RMST = "
                  f"restricted mean up to {total:g} ps; ratios (×) and log-rank p against {rows[0][0]}; ≥ marks a "
                  f"median reached by the cap, > {total:g} a bound the data cannot give)")
-    for line in (_vacf_line(report), _diffusion_line(report)):
+    for line in (vacf_line(report), _diffusion_line(report)):
         if line:
             lines.append(line)
     return lines
 
 
-def _vacf_line(report: dict) -> Optional[str]:
+def vacf_line(report: dict) -> Optional[str]:
     """Each model's VACF against the data's dense segment, when the data has one."""
     reference = report.get("reference_vacf")
     if not reference:
