@@ -6,19 +6,22 @@ From the committed Amber14 data set (data/ace_ala3_nme_amber_500K.npz: 5000 fram
 1. pretrains the baseline: a small NequIP (2 layers, 16 features, l_max 1, 4 Å cutoff) on 1000 frames, with a
    budget of 120 epochs or 25 minutes, whichever comes first (``--pretrain-epochs``);
 2. refines it with ``stable-md refine --obs hr`` and refine's defaults; only the budget is set (16 replicas over
-   ``--refine-nproc`` processes, default 2; ``--refine-epochs`` learning epochs, default 30);
-3. evaluates both models on the same held-out starts at 500 K with the bond criterion (0.5 Å, as the paper):
-   survival with confidence intervals, the h(r) error, and the force and energy errors on held-out frames;
+   ``--refine-nproc`` processes, default 2; ``--refine-epochs`` learning epochs, default 30; ``--refine-sim-time``
+   of simulation, default 15 ps);
+3. evaluates both models on the same held-out starts at 500 K with the bond criterion (0.5 Å, as the paper),
+   16 replicas for 15 ps each (``--replicas``, ``--time``): survival with confidence intervals, the h(r) error,
+   the force and energy errors on held-out frames, and the VACF against the data's dense segment;
 4. writes ``results.md`` and ``results.json`` in the output directory.
 
 Why this scale: this NequIP costs about 4 ms per molecule per energy+force call in a batch of 16 on one core
-(``benchmarks/potentials.py``-style timing on this machine), some 20x a SchNet of aspirin, so the paper's
-replica counts and nanosecond horizons are out of reach; 16 replicas per model and a few ps per replica keep
-every stage under about 40 minutes on two cores.
+(timed on this machine), so the paper's replica counts and nanosecond horizons are out of reach; 16 replicas
+per model and 15 ps per replica keep every stage within about an hour. Measured on 2026-12-03
+(docs/results.md) with ``--refine-nproc 1`` and another benchmark on the second core: pretraining 25 min,
+refine 60 min, evaluation 32 min.
 Every stage is an ordinary ``stable-md`` command, printed before it runs and skipped when its output exists,
 so a killed benchmark resumes by running it again. Run from the repository root::
 
-    python benchmarks/peptide/run.py                          # about 1.5 hours on 2 cores
+    python benchmarks/peptide/run.py                          # about 2 hours on 2 cores
     python benchmarks/peptide/run.py --quick --output /tmp/p  # a few minutes: checks the pipeline
 """
 from __future__ import annotations
