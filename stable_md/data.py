@@ -345,19 +345,17 @@ def _load_md17(path: Path, units: str) -> Dataset:
     if missing:
         raise DataError(f"{path}: missing key(s) {missing}; MD17-style files need R, z, E, F "
                         f"(found {sorted(arrays)})")
-    data = _md17_frames(path, arrays, "", arrays["z"], units)
     dense = {key for key in arrays if key.startswith(DENSE_PREFIX)}
-    if dense:
-        needed = [DENSE_PREFIX + key for key in ("R", "E", "F", "V", "t")]
-        if dense != set(needed):
-            raise DataError(f"{path}: a dense segment needs the keys {needed}, found {sorted(dense)}")
-        data.dense = _md17_frames(path, arrays, DENSE_PREFIX, arrays["z"], units)
-        validate(data)
-    return data
+    needed = [DENSE_PREFIX + key for key in ("R", "E", "F", "V", "t")]
+    if dense and dense != set(needed):
+        raise DataError(f"{path}: a dense segment needs the keys {needed}, found {sorted(dense)}")
+    return _md17_frames(path, arrays, "", units,
+                        dense=_md17_frames(path, arrays, DENSE_PREFIX, units) if dense else None)
 
 
-def _md17_frames(path: Path, arrays: dict, prefix: str, numbers: np.ndarray, units: str) -> Dataset:
-    """The frames of the MD17 keys ``prefix`` + R, E, F (and V, t when present) of ``arrays``."""
+def _md17_frames(path: Path, arrays: dict, prefix: str, units: str, dense: Optional[Dataset] = None) -> Dataset:
+    """The frames of the MD17 keys ``prefix`` + R, E, F (and V, t when present) of ``arrays``, atoms ``z``, with
+    the dense segment ``dense``."""
     factor = energy_factor(units)
     positions = np.asarray(arrays[prefix + "R"], dtype=np.float64)
     energies = np.asarray(arrays[prefix + "E"], dtype=np.float64)
@@ -369,9 +367,9 @@ def _md17_frames(path: Path, arrays: dict, prefix: str, numbers: np.ndarray, uni
     if positions.ndim != 3 or positions.shape[0] != energies.shape[0]:
         raise DataError(f"{path}: {prefix}R has shape {positions.shape}; expected [{energies.shape[0]}, atoms, 3] "
                         f"to match {prefix}E")
-    return Dataset(positions=positions, numbers=np.asarray(numbers).reshape(-1), energies=energies * factor,
+    return Dataset(positions=positions, numbers=np.asarray(arrays["z"]).reshape(-1), energies=energies * factor,
                    forces=forces * factor, source=str(path),
-                   velocities=arrays.get(prefix + "V"), times_fs=arrays.get(prefix + "t"))
+                   velocities=arrays.get(prefix + "V"), times_fs=arrays.get(prefix + "t"), dense=dense)
 
 
 def frames_fingerprint(data: Dataset) -> str:
@@ -445,16 +443,14 @@ def _load_ase(path: Path, units: str, energy_key: str, forces_key: str, index: s
     dense = [(k, atoms) for k, atoms in enumerate(frames) if atoms.info.get(SEGMENT_KEY) == DENSE_SEGMENT]
     if not regular:
         raise DataError(f"{path}: holds only a dense segment ({SEGMENT_KEY}={DENSE_SEGMENT}), no frames")
-    data = _ase_frames(path, regular, frames[0], units, energy_key, forces_key)
-    if dense:
-        data.dense = _ase_frames(path, dense, frames[0], units, energy_key, forces_key)
-        validate(data)
-    return data
+    segment = _ase_frames(path, dense, frames[0], units, energy_key, forces_key) if dense else None
+    return _ase_frames(path, regular, frames[0], units, energy_key, forces_key, dense=segment)
 
 
-def _ase_frames(path: Path, frames: list, first, units: str, energy_key: str, forces_key: str) -> Dataset:
+def _ase_frames(path: Path, frames: list, first, units: str, energy_key: str, forces_key: str,
+                dense: Optional[Dataset] = None) -> Dataset:
     """A Dataset of ``frames``, (index in the file, ase.Atoms) of ``path``, checked against ``first``, the file's
-    first frame."""
+    first frame, with the dense segment ``dense``."""
     from ase.units import fs
 
     factor = energy_factor(units)
@@ -483,7 +479,7 @@ def _ase_frames(path: Path, frames: list, first, units: str, energy_key: str, fo
         positions=np.array(positions), numbers=numbers, energies=np.array(energies) * factor,
         forces=np.array(forces) * factor, cells=np.array(cells) if periodic else None, source=str(path),
         times_fs=np.array(times, dtype=np.float64) if timed else None,
-        velocities=np.array(velocities) if moving else None,
+        velocities=np.array(velocities) if moving else None, dense=dense,
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from stable_md.data import DataError, Dataset
 from stable_md.observables import diffusion_coefficient, mean_squared_displacement, velocity_autocorrelation
+from stable_md.reporting import DisplacementRecorder
 
 
 def reference_diffusion(data: Dataset, min_frames: int = 20) -> Optional[dict]:
@@ -35,13 +36,11 @@ def reference_diffusion(data: Dataset, min_frames: int = 20) -> Optional[dict]:
     n_frames = best_length + 1
     if n_frames < min_frames:
         return None
-    heavy = np.flatnonzero(data.numbers > 1)
-    positions = data.positions[best_start:best_start + n_frames][:, heavy]
-    cell = data.cells[best_start]
-    moves = np.diff(positions, axis=0)
-    fractional = moves @ np.linalg.inv(cell)
-    moves = (fractional - np.round(fractional)) @ cell
-    trajectory = np.concatenate([positions[:1], positions[:1] + np.cumsum(moves, axis=0)])
+    # evaluate's own recorder unwraps the frames, as it does a replica's
+    recorder = DisplacementRecorder(1, np.flatnonzero(data.numbers > 1), data.cells[best_start], n_replicas=1)
+    for positions in data.positions[best_start:best_start + n_frames]:
+        recorder.record(positions[None], np.ones(1, dtype=bool))
+    trajectory = np.stack(recorder.unwrapped)[:, 0]
     msd = mean_squared_displacement(trajectory, max_lag=n_frames // 2)
     return {"m2_per_s": float(diffusion_coefficient(msd, spacing)), "frames": int(n_frames),
             "frame_interval_fs": spacing,
