@@ -141,6 +141,12 @@ def test_the_dense_segment_round_trips_through_npz_and_extxyz_and_stays_out_of_t
         assert len(train) == 8 and train.dense is loaded.dense  # a split keeps the file's segment, not its frames
     extxyz = (tmp_path / "d.extxyz").read_text()
     assert extxyz.count("md_segment=dense") == 10 and extxyz.count("momenta") == 10
+    # A file of dense frames alone has no frames to train on, and says so
+    save_dataset(data.dense, tmp_path / "alone.extxyz")
+    (tmp_path / "alone.extxyz").write_text((tmp_path / "alone.extxyz").read_text().replace(
+        "pbc=", "md_segment=dense pbc="))
+    with pytest.raises(DataError, match="alone.extxyz: holds only a dense segment"):
+        load_dataset(tmp_path / "alone.extxyz")
     with pytest.raises(DataError, match="dense segment needs the keys"):
         arrays = dict(np.load(tmp_path / "d.npz"))
         del arrays["dense_V"]
